@@ -1,0 +1,283 @@
+"""Run configuration: one dataclass per section, a TOML file, and `--section.key=value` overrides.
+
+Precedence is CLI > file > defaults. Every field has a default and a one-line help string
+(`field(metadata={"help": ...})`). Unknown sections or keys and values of the wrong type are
+errors that name the key, list the valid ones and suggest the closest match. The resolved
+config is written back as TOML (`to_toml`) next to every run's outputs, so a run can be
+reproduced from its output folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with a default, a one-line help string and optional allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "HF-format checkpoint dir (config.json + safetensors); empty = tiny random")
+    tokenizer: str = _f("", "tokenizer dir if not inside model.path (tokenizer.model/.json)")
+    attention: str = _f(
+        "auto", "attention backend: auto (flex on CUDA, sdpa on CPU)", ("auto", "flex", "sdpa")
+    )
+    tiny_dim: int = _f(64, "hidden size of the tiny random model built when model.path is empty")
+    tiny_layers: int = _f(2, "layers of the tiny random model")
+    tiny_vocab: int = _f(512, "vocabulary of the tokenizer trained for the tiny random model")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "training preference file (.jsonl, .json, .gz, .parquet)")
+    eval: str = _f("", "held-out preference file; empty = split eval_fraction off train")
+    eval_fraction: float = _f(0.0, "fraction of train held out for eval when data.eval is empty")
+    format: str = _f(
+        "auto",
+        "row format: messages (UltraFeedback), flat or hh",
+        ("auto", "messages", "flat", "hh"),
+    )
+    prompt_field: str = _f("prompt", "column holding the prompt")
+    chosen_field: str = _f("chosen", "column holding the chosen response")
+    rejected_field: str = _f("rejected", "column holding the rejected response")
+    template: str = _f(
+        "auto", "chat template", ("auto", "llama3", "gemma", "mistral", "chatml", "zephyr")
+    )
+    mask: str = _f(
+        "official", "official: assistant header in |y|; trl: in prompt", ("official", "trl")
+    )
+    max_length: int = _f(2048, "max tokens of prompt + one response")
+    max_prompt_length: int = _f(1800, "max prompt tokens (the response gets what is left)")
+    truncation: str = _f("keep_end", "how to cut a long prompt", ("keep_end", "keep_start"))
+    max_tokens: int = _f(4096, "tokens per packed row (micro-batch budget)")
+    packing: str = _f("shared_prompt", "row layout", ("shared_prompt", "plain", "padded"))
+    num_workers: int = _f(1, "processes for tokenisation")
+    cache_dir: str = _f("", "tokenised-data cache dir; empty = <output_dir>/cache")
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("simpo", "loss: simpo, dpo, ipo, hinge, rdpo, orpo, cpo, sft")
+    beta: float = _f(2.0, "β: reward scale (SimPO 2-10, DPO ~0.01-0.1)")
+    gamma_beta_ratio: float = _f(0.5, "SimPO target margin as γ/β (official convention)")
+    label_smoothing: float = _f(0.0, "ε: label smoothing (cDPO / robust SimPO)")
+    loss_type: str = _f("sigmoid", "SimPO shape", ("sigmoid", "hinge"))
+    sft_weight: float = _f(0.0, "weight of an NLL term on chosen tokens (off by default)")
+    reference: str = _f("precompute", "DPO reference policy", ("precompute", "live"))
+    reference_path: str = _f("", "reference checkpoint dir; empty = the starting model.path")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/default", "where metrics, checkpoints and the export go")
+    seed: int = _f(42, "seed for init, data order and sampling")
+    batch_size: int = _f(128, "pairs per optimizer step, all ranks together")
+    epochs: int = _f(1, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = _f(-1, "optimizer steps; -1 = as many as epochs give")
+    lr: float = _f(5e-7, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW β1")
+    adam_beta2: float = _f(0.999, "AdamW β2")
+    warmup_ratio: float = _f(0.1, "fraction of steps of linear warmup")
+    min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio")
+    grad_clip: float = _f(1.0, "max global grad norm; 0 = off")
+    precision: str = _f(
+        "bf16-mixed", "bf16-mixed keeps fp32 master weights", ("bf16-mixed", "fp32", "bf16-pure")
+    )
+    activation_checkpointing: str = _f("auto", "auto = on for CUDA", ("auto", "on", "off"))
+    compile: bool = _f(False, "torch.compile each transformer block")
+    resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
+    save_every: int = _f(0, "checkpoint every N steps; 0 = only at the end")
+    eval_every: int = _f(0, "evaluate on the held-out split every N steps; 0 = off")
+    log_every: int = _f(1, "write metrics every N steps")
+    export: bool = _f(True, "write an HF-format export to <output_dir>/final at the end")
+
+
+@dataclass
+class EvalConfig:
+    batch_pairs: int = _f(16, "pairs scored per forward in eval")
+    max_new_tokens: int = _f(256, "generation length for eval prompts")
+    temperature: float = _f(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = _f(1.0, "nucleus sampling threshold")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the key and what was expected."""
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"valid: {', '.join(valid)}.{hint}"
+
+
+def _line_of(text: str, section: str, key: str) -> int | None:
+    """1-based line of `key = ...` inside `[section]` of a TOML text (for error messages)."""
+    current = None
+    for n, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            current = stripped.strip("[] ")
+            if current == section and not key:
+                return n
+        elif current == section and stripped.split("=", 1)[0].strip() == key:
+            return n
+    return None
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _convert(value: Any, typ: Any, key: str, source: str) -> Any:
+    """Convert `value` (from TOML, or a string from the CLI) to `typ`, or raise naming `key`."""
+    from_cli = isinstance(value, str) and typ is not str
+    if from_cli:
+        text = value.strip()
+        if typ is bool:
+            low = text.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{source}: {key}={value!r}: expected {_tname(typ)}") from None
+    ok = (
+        (typ is bool and isinstance(value, bool))
+        or (typ is int and isinstance(value, int) and not isinstance(value, bool))
+        or (typ is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (typ is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(
+            f"{source}: {key} = {value!r} has type {type(value).__name__}, expected {_tname(typ)}"
+        )
+    return float(value) if typ is float else value
+
+
+def _tname(typ: Any) -> str:
+    return getattr(typ, "__name__", str(typ))
+
+
+def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if "." not in dotted:
+        raise ConfigError(f"{source}: '{dotted}' must be section.key; sections: {sections}")
+    section, key = dotted.split(".", 1)
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section '{section}'; {_suggest(section, sections)}")
+    sub = getattr(cfg, section)
+    types = _field_types(type(sub))
+    if key not in types:
+        raise ConfigError(
+            f"{source}: unknown key '{section}.{key}'; {_suggest(key, sorted(types))}"
+        )
+    value = _convert(value, types[key], dotted, source)
+    choices = next(f for f in dataclasses.fields(sub) if f.name == key).metadata["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: {dotted} = {value!r}: {_suggest(value, list(choices))}")
+    setattr(sub, key, value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file at `path`, then `--section.key=value` overrides."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text()
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level '{section}' must be a [section] table")
+            if section not in {f.name for f in dataclasses.fields(Config)}:
+                line = _line_of(text, section, "") or ""
+                _set(cfg, f"{section}.?", None, f"{path}{':' if line else ''}{line}")  # raises
+            for key, value in table.items():
+                line = _line_of(text, section, key)
+                _set(cfg, f"{section}.{key}", value, f"{path}:{line}" if line else str(path))
+    for arg in overrides or []:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"command line: '{arg}': expected --section.key=value")
+        dotted, value = arg[2:].split("=", 1)
+        _set(cfg, dotted, value, "command line")
+    return cfg
+
+
+def parse_args(argv: list[str]) -> Config:
+    """`--config FILE` (or `--config=FILE`) plus `--section.key=value` overrides."""
+    path, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("command line: --config needs a file")
+            path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            raise SystemExit(help_text())
+        else:
+            rest.append(arg)
+        i += 1
+    return load_config(path, rest)
+
+
+def help_text() -> str:
+    """Every section.key with its default and help line."""
+    lines = ["usage: train.py [--config FILE] [--section.key=value ...]", ""]
+    for sec in dataclasses.fields(Config):
+        lines.append(f"[{sec.name}]")
+        for f in dataclasses.fields(sec.default_factory):
+            lines.append(f"  {sec.name}.{f.name} = {f.default!r:<18} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that `load_config` reads back to an equal Config."""
+    out = []
+    for sec in dataclasses.fields(cfg):
+        out.append(f"[{sec.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, sec.name)).items():
+            out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)

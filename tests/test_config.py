@@ -1,0 +1,110 @@
+"""Config parsing: defaults, TOML file, CLI overrides, round trip, and every error case."""
+
+from pathlib import Path
+
+import pytest
+
+from simpo.config import Config, ConfigError, help_text, load_config, parse_args, to_toml
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_official_simpo_recipe_shape():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.train.batch_size == 128 and cfg.train.warmup_ratio == 0.1
+    assert cfg.loss.name == "simpo" and cfg.loss.sft_weight == 0.0
+    assert cfg.data.max_length == 2048 and cfg.data.max_prompt_length == 1800
+
+
+def test_cli_overrides_file_overrides_defaults(tmp_path):
+    path = write(tmp_path, "[loss]\nbeta = 10\ngamma_beta_ratio = 0.3\n[train]\nlr = 1e-6\n")
+    cfg = parse_args(["--config", str(path), "--loss.beta=2.5", "--train.resume=true"])
+    assert cfg.loss.beta == 2.5 and isinstance(cfg.loss.beta, float)  # CLI wins over file
+    assert cfg.loss.gamma_beta_ratio == 0.3  # file wins over default
+    assert cfg.train.lr == 1e-6 and cfg.train.resume is True
+    assert cfg.train.batch_size == 128  # default
+    assert parse_args([f"--config={path}"]).loss.beta == 10.0
+
+
+@pytest.mark.parametrize(
+    "text, value", [("true", True), ("False", False), ("1", True), ("off", False)]
+)
+def test_bool_spellings(text, value):
+    assert load_config(None, [f"--train.resume={text}"]).train.resume is value
+
+
+def test_round_trip_through_toml(tmp_path):
+    cfg = load_config(None, ["--data.train=a b.jsonl", "--train.max_steps=7", "--loss.name=dpo"])
+    path = write(tmp_path, to_toml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_unknown_key_in_file_names_file_line_and_suggests(tmp_path):
+    path = write(tmp_path, "[train]\nlr = 1e-6\nprecison = 'fp32'\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert f"{path}:3" in msg and "train.precison" in msg and "Did you mean 'precision'" in msg
+    assert "batch_size" in msg  # lists the valid keys
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, "[trian]\nlr = 1e-6\n")
+    with pytest.raises(ConfigError, match=r"run.toml:1: unknown section 'trian'.*'train'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown section 'los'.*Did you mean 'loss'"):
+        load_config(None, ["--los.beta=1"])
+
+
+def test_wrong_types_are_named():
+    with pytest.raises(ConfigError, match=r"train.max_steps = 1.5 has type float, expected int"):
+        load_config(None, ["--train.max_steps=1.5"])
+    with pytest.raises(ConfigError, match=r"train.resume = 'maybe'.*expected bool"):
+        load_config(None, ["--train.resume=maybe"])
+    with pytest.raises(ConfigError, match=r"loss.beta='high': expected float"):
+        load_config(None, ["--loss.beta=high"])
+
+
+def test_wrong_type_in_file(tmp_path):
+    path = write(tmp_path, "[train]\nbatch_size = 'big'\n")
+    with pytest.raises(ConfigError, match=r"run.toml:2: train.batch_size='big': expected int"):
+        load_config(path)
+    path = write(tmp_path, "[train]\nresume = 1\n")
+    with pytest.raises(ConfigError, match=r"train.resume = 1 has type int, expected bool"):
+        load_config(path)
+
+
+def test_choices_are_checked_with_suggestion():
+    with pytest.raises(ConfigError, match=r"train.precision = 'bf16'.*bf16-mixed.*Did you mean"):
+        load_config(None, ["--train.precision=bf16"])
+    with pytest.raises(ConfigError, match=r"data.packing = 'shared'"):
+        load_config(None, ["--data.packing=shared"])
+
+
+def test_malformed_arguments_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="expected --section.key=value"):
+        load_config(None, ["loss.beta=1"])
+    with pytest.raises(ConfigError, match="expected --section.key=value"):
+        load_config(None, ["--loss.beta"])
+    with pytest.raises(ConfigError, match="must be section.key"):
+        load_config(None, ["--beta=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[train\nlr = 1"))
+    with pytest.raises(ConfigError, match="must be a \\[section\\] table"):
+        load_config(write(tmp_path, "lr = 1\n"))
+    with pytest.raises(ConfigError, match="--config needs a file"):
+        parse_args(["--config"])
+
+
+def test_help_lists_every_key_with_help():
+    text = help_text()
+    for section, sub in vars(Config()).items():
+        for key in vars(sub):
+            assert f"{section}.{key} " in text
