@@ -32,6 +32,7 @@ demo: install
 	$(BIN)/python -m simpo.demo --out demo_out
 
 bench: install
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -50,7 +50,7 @@ class DataConfig:
     chosen_field: str = _f("chosen", "column holding the chosen response")
     rejected_field: str = _f("rejected", "column holding the rejected response")
     template: str = _f(
-        "auto", "chat template", ("auto", "llama3", "gemma", "mistral", "chatml", "zephyr")
+        "auto", "chat template", ("auto", "llama3", "gemma", "mistral", "chatml", "qwen2", "zephyr")
     )
     mask: str = _f(
         "official", "official: assistant header in |y|; trl: in prompt", ("official", "trl")
@@ -72,6 +72,8 @@ class LossConfig:
     label_smoothing: float = _f(0.0, "ε: label smoothing (cDPO / robust SimPO)")
     loss_type: str = _f("sigmoid", "SimPO shape", ("sigmoid", "hinge"))
     sft_weight: float = _f(0.0, "weight of an NLL term on chosen tokens (off by default)")
+    rdpo_alpha: float = _f(0.0, "R-DPO α: reward per token of length difference (0 = plain DPO)")
+    orpo_lambda: float = _f(0.1, "ORPO λ: weight of the odds-ratio term (TRL calls it beta)")
     reference: str = _f("precompute", "DPO reference policy", ("precompute", "live"))
     reference_path: str = _f("", "reference checkpoint dir; empty = the starting model.path")
 
@@ -97,6 +99,7 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile each transformer block")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
     save_every: int = _f(0, "checkpoint every N steps; 0 = only at the end")
+    keep_checkpoints: int = _f(2, "keep the newest N checkpoints; 0 = all")
     eval_every: int = _f(0, "evaluate on the held-out split every N steps; 0 = off")
     log_every: int = _f(1, "write metrics every N steps")
     export: bool = _f(True, "write an HF-format export to <output_dir>/final at the end")
@@ -104,7 +107,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_pairs: int = _f(16, "pairs scored per forward in eval")
+    gen_batch: int = _f(16, "prompts decoded together in eval generation")
     max_new_tokens: int = _f(256, "generation length for eval prompts")
     temperature: float = _f(0.0, "sampling temperature; 0 = greedy")
     top_p: float = _f(1.0, "nucleus sampling threshold")

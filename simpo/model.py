@@ -1,0 +1,247 @@
+"""One decoder Transformer for the llama, mistral, qwen2, gemma and gemma2 families.
+
+Parameter names equal Hugging Face's, so checkpoints load without a rename table
+(`Transformer.from_pretrained`). RoPE uses HF's rotate-half convention, computed in fp32.
+The family's options come from `ModelArgs` (simpo/hf_config.py, re-exported here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from simpo.attention import Layout, attend, masked_attention
+from simpo.checkpoint import copy_full_, load_state_into
+from simpo.hf_config import ModelArgs, tiny_args, tiny_hf_config
+from simpo.logprobs import ScoreIndex, response_logprobs
+
+if TYPE_CHECKING:
+    from simpo.generate import KVCache
+
+__all__ = ["ModelArgs", "Transformer", "tiny_args", "tiny_hf_config"]
+
+
+def rope_cos_sin(args: ModelArgs, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, 1, T, head_dim) in fp32 for positions (B, T); HF's inv_freq formulas."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = args.rope_scaling
+    if sc is not None and sc["rope_type"] == "linear":
+        inv = inv / sc["factor"]
+    elif sc is not None:  # llama3: low frequencies / factor, smooth blend in between
+        ctx, factor = sc["original_max_position_embeddings"], sc["factor"]
+        lo, hi = sc["low_freq_factor"], sc["high_freq_factor"]
+        wavelen = 2 * torch.pi / inv
+        scaled = torch.where(wavelen > ctx / lo, inv / factor, inv)
+        smooth = (ctx / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < ctx / hi) & ~(wavelen > ctx / lo)
+        inv = torch.where(medium, blended, scaled)
+    freqs = position_ids[..., None].float() * inv.to(position_ids.device)  # (B, T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE on x (B, H, T, D), computed in fp32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: bool) -> None:
+        super().__init__()
+        self.eps, self.offset = eps, offset  # offset: gemma's (1 + w) scaling
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)
+
+
+def _norm(args: ModelArgs) -> RMSNorm:
+    return RMSNorm(args.dim, args.norm_eps, offset=args.gemma)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.args, self.layer_idx, self.window = args, layer_idx, args.windows[layer_idx]
+        hd, dim = args.head_dim, args.dim
+        self.q_proj = nn.Linear(dim, args.n_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * hd, dim, bias=args.o_bias)
+        self.scale = (args.query_pre_attn_scalar or hd) ** -0.5
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], layout: Layout | None, cache: KVCache | None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        hd, softcap = self.args.head_dim, self.args.attn_softcap
+        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            out = attend(
+                q, k, v, layout, window=self.window, softcap=softcap, scale=self.scale,
+                backend=self.args.attn_backend,
+            )  # fmt: skip
+        else:  # decoding: keys are everything cached so far, (B, Hkv, S, D)
+            k, v = cache.update(self.layer_idx, k, v)
+            out = masked_attention(q, k, v, cache.mask(self.window), self.scale, softcap)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        dim, hidden, bias = args.dim, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gemma = args.gemma
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = _norm(args)
+        self.post_attention_layernorm = _norm(args)  # llama-style: the pre-MLP norm
+        self.sandwich = args.model_type == "gemma2"
+        if self.sandwich:
+            self.pre_feedforward_layernorm = _norm(args)
+            self.post_feedforward_layernorm = _norm(args)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], layout: Layout | None, cache: KVCache | None
+    ) -> Tensor:
+        attn = self.self_attn(self.input_layernorm(x), rope, layout, cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF's `model.` prefix: embed_tokens, layers, norm."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = _norm(args)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head: nn.Linear | None = None  # tied: the head is the embedding
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def head_weight(self) -> Tensor:
+        """(V, dim): lm_head.weight, or the embedding when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        layout: Layout | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Final-norm hidden states (B, T, dim) for input_ids (B, T)."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = (
+                torch.arange(T, device=input_ids.device).expand(B, T)
+                if layout is None
+                else layout.position_ids
+            )
+        if layout is None and cache is None:
+            layout = Layout.causal(position_ids)
+        if layout is not None:  # build each mask once, outside the checkpointed/compiled blocks
+            for window in set(self.args.windows):
+                layout.mask(window, self.args.attn_softcap, self.args.attn_backend)
+        h = self.model.embed_tokens(input_ids)  # (B, T, dim)
+        if self.args.gemma:  # the scale is rounded to the activation dtype, as in HF
+            h = h * torch.tensor(self.args.dim**0.5).to(h.dtype)
+        rope = rope_cos_sin(self.args, position_ids)
+        for block in self.model.layers:
+            h = block(h, rope, layout, cache)
+        return self.model.norm(h)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        layout: Layout | None = None,
+        score: ScoreIndex | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, T, V); or, with `score`, per-response (sum, count) of target log-probs.
+
+        The fused head runs here, inside forward, so FSDP2 unshards its weight.
+        """
+        hidden = self.hidden_states(input_ids, position_ids, layout, cache)  # (B, T, dim)
+        cap = self.args.final_softcap
+        if score is None:
+            logits = F.linear(hidden, self.head_weight)  # (B, T, V)
+            return logits if cap is None else torch.tanh(logits / cap) * cap
+        return response_logprobs(
+            hidden.flatten(0, 1), self.head_weight, score.hidden_index, score.targets,
+            score.response_ids, score.num_responses, softcap=cap,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, std: float = 0.02) -> None:
+        """Deterministic random init (same on every rank, and for sharded DTensor params)."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                full = torch.full(p.shape, 0.0 if self.args.gemma else 1.0)
+            elif name.endswith(".bias"):
+                full = torch.zeros(p.shape)
+            else:
+                full = torch.randn(p.shape, generator=gen) * std
+            copy_full_(p, full)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Transformer:
+        """Build on meta, materialise on `device` in `dtype`, load HF safetensors from `path`."""
+        args = ModelArgs.from_hf_config(Path(path) / "config.json")
+        with torch.device("meta"):
+            model = cls(args).to(dtype)
+        model.to_empty(device=device)
+        load_state_into(model, path)
+        return model

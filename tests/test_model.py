@@ -1,0 +1,179 @@
+"""simpo.model against transformers: logits parity per family, config parsing, bf16, score path."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from hf_tiny import FAMILIES, cached_tiny_hf, load_hf, one_thread  # noqa: F401
+
+from simpo.logprobs import ScoreIndex
+from simpo.model import ModelArgs, Transformer, tiny_args, tiny_hf_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+T = 24  # longer than the sliding windows (8) of mistral, qwen2 and gemma2
+
+
+def _inputs(family: str, vocab: int = 256, long: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (2, T) and positions (2, T); long positions for rope scaling (llama3 family)."""
+    ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
+    offset = 5000 if long or family == "llama3" else 0
+    return ids, torch.arange(T).expand(2, T) + offset
+
+
+def _hf_logits(path, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return load_hf(path)(ids, position_ids=pos).logits
+
+
+VARIANTS = [(f, {}) for f in FAMILIES] + [
+    ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    ("llama", dict(num_key_value_heads=1, vocab_size=300)),  # MQA; rows beyond any tokenizer
+    ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    ("qwen2", dict(tie_word_embeddings=True)),
+    ("gemma2", dict(tie_word_embeddings=True, num_hidden_layers=3)),
+]
+
+
+@pytest.mark.parametrize(("family", "overrides"), VARIANTS, ids=str)
+def test_logits_match_transformers(family: str, overrides: dict) -> None:
+    pytest.importorskip("transformers")
+    path = cached_tiny_hf(family, **overrides)
+    ids, pos = _inputs(family, overrides.get("vocab_size", 256), "rope_scaling" in overrides)
+    ref = _hf_logits(path, ids, pos)
+    with torch.no_grad():
+        ours = Transformer.from_pretrained(path)(ids, pos)
+    diff = (ours - ref).abs().max().item()
+    print(f"parity {family} {overrides}: max |logit diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+# Each family's distinguishing option switched off must change the logits: proves it bites.
+SWITCHES = [
+    ("llama3", dict(rope_scaling=None)),
+    ("mistral", dict(sliding_window=None)),
+    ("qwen2", dict(sliding_window=None)),
+    ("gemma", dict(model_type="llama")),  # (1 + w) norms, sqrt(dim) embedding, GeGLU
+    ("gemma2", dict(attn_softcap=None)),
+    ("gemma2", dict(final_softcap=None)),
+    ("gemma2", dict(sliding_window=None)),
+    ("gemma2", dict(query_pre_attn_scalar=None)),
+]
+
+
+@pytest.mark.parametrize(("family", "change"), SWITCHES, ids=str)
+def test_distinguishing_options_matter(family: str, change: dict) -> None:
+    path = cached_tiny_hf(family)
+    model = Transformer.from_pretrained(path)
+    off = Transformer(dataclasses.replace(model.args, **change))
+    off.load_state_dict(model.state_dict())
+    ids, pos = _inputs(family)
+    with torch.no_grad():
+        assert (model(ids, pos) - off(ids, pos)).abs().max() > 1e-2
+
+
+def _as_v4(cfg: dict) -> dict:
+    """Rewrite a transformers-5 config.json the way transformers 4.x wrote it."""
+    cfg = dict(cfg)
+    rope = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type")
+    cfg["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    cfg.pop("layer_types", None)
+    return cfg
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_both_config_generations_parse_alike(family: str) -> None:
+    pytest.importorskip("transformers")
+    v5 = json.loads((cached_tiny_hf(family) / "config.json").read_text())
+    assert "rope_parameters" in v5
+    assert ModelArgs.from_hf_config(_as_v4(v5)) == ModelArgs.from_hf_config(v5)
+
+
+def test_config_details() -> None:
+    g2 = tiny_args("gemma2", num_hidden_layers=4)
+    assert g2.windows == [8, None, 8, None]  # even layers slide
+    assert g2.tie_word_embeddings and g2.gemma
+    qwen = tiny_args("qwen2", num_hidden_layers=3, max_window_layers=2)
+    assert qwen.windows == [None, None, 8] and qwen.qkv_bias and not qwen.o_bias
+    assert tiny_args("qwen2", use_sliding_window=False).windows == [None, None]
+    v5 = tiny_args("llama", rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    assert v5.rope_theta == 5e5 and v5.rope_scaling is None
+    args = tiny_args("llama3", torch_dtype="bfloat16")
+    assert args.dtype == "bfloat16" and args.rope_scaling["rope_type"] == "llama3"
+    assert ModelArgs.from_hf_config(args.to_hf_config()) == args
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(model_type="gpt2"), "model_type"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling.rope_type"),
+        (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "rope_parameters"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(hidden_size=None), "hidden_size"),
+        (dict(layer_types=["full_attention"]), "layer_types"),
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    ],
+    ids=str,
+)
+def test_bad_config_is_a_clear_error(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelArgs.from_hf_config(tiny_hf_config("llama", **change))
+
+
+def test_config_file_error_names_the_file(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config(model_type="bert")))
+    with pytest.raises(ValueError, match=r"config\.json.*'model_type' is 'bert'"):
+        ModelArgs.from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_bf16_close_to_fp32(family: str) -> None:
+    """bf16 weights and activations: logits within 0.1 abs (|logits| ~ 3) of fp32."""
+    path = cached_tiny_hf(family)
+    ids, pos = _inputs(family)
+    with torch.no_grad():
+        ref = Transformer.from_pretrained(path)(ids, pos)
+        low = Transformer.from_pretrained(path, dtype=torch.bfloat16)(ids, pos)
+    assert low.dtype == torch.bfloat16
+    diff = (low.float() - ref).abs().max().item()
+    print(f"bf16 {family}: max |logit diff| = {diff:.3f} (max |logit| {ref.abs().max():.2f})")
+    assert diff < 0.1
+
+
+def test_init_weights_is_deterministic() -> None:
+    a, b = Transformer(tiny_args("gemma")), Transformer(tiny_args("gemma"))
+    a.init_weights(seed=3)
+    b.init_weights(seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert torch.equal(a.model.norm.weight, torch.zeros(64))  # gemma stores w of (1 + w)
+    assert a.lm_head is None and a.head_weight is a.model.embed_tokens.weight
+    names = dict(a.named_parameters())
+    assert "model.layers.1.self_attn.q_proj.weight" in names and len(a.layers) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_score_path_equals_logits(family: str) -> None:
+    """forward(score=...) gives per-response sums of the log-probs read off the logits."""
+    model = Transformer(tiny_args(family))
+    model.init_weights(seed=0, std=0.1)
+    ids, pos = _inputs(family)
+    # response 0: row 0 tokens 5..9 (predicted by hidden 4..8); response 1: row 1 tokens 3..20
+    hidden_index = torch.cat([torch.arange(4, 9), T + torch.arange(2, 20)])
+    targets = ids.flatten()[hidden_index + 1]
+    response_ids = torch.cat([torch.zeros(5, dtype=torch.long), torch.ones(18, dtype=torch.long)])
+    score = ScoreIndex(hidden_index, targets, response_ids, 2)
+    total, count = model(ids, pos, score=score)
+    lp = torch.log_softmax(model(ids, pos).flatten(0, 1).double(), -1)[hidden_index, targets]
+    want = torch.zeros(2, dtype=torch.float64).index_add_(0, response_ids, lp)
+    torch.testing.assert_close(total.double(), want, atol=1e-4, rtol=1e-5)
+    assert count.tolist() == [5, 18]
+    total.sum().backward()  # the fused head runs inside forward, tied weight included
+    assert model.head_weight.grad is not None
