@@ -246,7 +246,8 @@ def parse_args(argv: list[str]) -> Config:
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1]
         elif arg in ("-h", "--help"):
-            raise SystemExit(help_text())
+            print(help_text())
+            raise SystemExit(0)
         else:
             rest.append(arg)
         i += 1
@@ -259,7 +260,8 @@ def help_text() -> str:
     for sec in dataclasses.fields(Config):
         lines.append(f"[{sec.name}]")
         for f in dataclasses.fields(sec.default_factory):
-            lines.append(f"  {sec.name}.{f.name} = {f.default!r:<18} {f.metadata['help']}")
+            key = f"{sec.name}.{f.name} = {f.default!r}"
+            lines.append(f"  {key:<44} {f.metadata['help']}")
     return "\n".join(lines)
 
 

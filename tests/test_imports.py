@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,5 +28,13 @@ def test_module_imports(name):
 def test_script_imports_without_running(path):
     spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # must not start a run: main is behind __name__ == "__main__"
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    sys.path.insert(0, str(path.parent))  # bench scripts import their sibling `common`
+    try:
+        spec.loader.exec_module(
+            module
+        )  # must not start a run: main is behind __name__ == "__main__"
+    finally:
+        sys.path.remove(str(path.parent))
+        sys.modules.pop(spec.name)
     assert module.__doc__, f"{path.name} has no module docstring"

@@ -1,0 +1,75 @@
+"""Score pairs without gradients (reference precompute, held-out eval), across ranks.
+
+All pairs are packed once, in index order, and the micro-batches are dealt round-robin to the
+ranks, so every pair is scored in the same row whatever the world size (the values do not
+depend on how many processes computed them). Every rank then holds every pair's result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from simpo.dist import Dist, all_gather_rows
+from simpo.losses import compute_loss, get_loss
+from simpo.packing import empty_batch, pack_pairs
+
+if TYPE_CHECKING:
+    from simpo.config import Config
+    from simpo.data import TokenizedPair
+    from simpo.reference import ReferenceTable
+
+
+@torch.no_grad()
+def score_pairs(
+    model: nn.Module, pairs: Sequence[TokenizedPair], max_tokens: int, layout: str, d: Dist
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per pair, sorted by `TokenizedPair.index`: index (P,), log-prob sums (P, 2) and token
+    counts (P, 2), column 0 the chosen response, column 1 the rejected; fp64 on CPU."""
+    batches = pack_pairs(sorted(pairs, key=lambda p: p.index), max_tokens, layout)
+    mine = batches[d.rank :: d.world_size]
+    rounds = -(-len(batches) // d.world_size)  # every rank runs as many forwards (FSDP)
+    rows = [torch.zeros((0, 5), dtype=torch.float64, device=d.device)]
+    for i in range(rounds):
+        batch = (mine[i] if i < len(mine) else empty_batch()).to(d.device)
+        sums, counts = model(batch.input_ids, batch.layout.position_ids, batch.layout, batch.score)
+        cols = [batch.pair_index, sums[0::2], sums[1::2], counts[0::2], counts[1::2]]
+        rows.append(torch.stack([c.double() for c in cols], dim=1))  # (P_i, 5)
+    table = all_gather_rows(torch.cat(rows)).cpu()  # (P, 5) from all ranks
+    table = table[table[:, 0].argsort()]
+    return table[:, 0].long(), table[:, 1:3].contiguous(), table[:, 3:5].contiguous()
+
+
+def evaluate(
+    model: nn.Module,
+    pairs: Sequence[TokenizedPair],
+    cfg: Config,
+    d: Dist,
+    ref_table: ReferenceTable | None = None,
+    ref_model: nn.Module | None = None,
+) -> dict[str, float]:
+    """Mean loss and metrics over `pairs` (held-out), named `eval/<metric>`."""
+    was_training = model.training
+    model.eval()
+    index, sums, counts = score_pairs(model, pairs, cfg.data.max_tokens, cfg.data.packing, d)
+    model.train(was_training)
+    ref_sum = ref_count = None
+    if get_loss(cfg.loss.name).needs_reference:
+        if ref_model is not None:
+            _, ref_sums, ref_counts = score_pairs(
+                ref_model, pairs, cfg.data.max_tokens, cfg.data.packing, d
+            )
+            ref_sum, ref_count = ref_sums.reshape(-1), ref_counts.reshape(-1)
+        else:
+            assert ref_table is not None, "a reference loss needs a table or a model"
+            ref_sum, ref_count = ref_table.lookup(index)
+    # (P, 2) -> (2P,): responses interleaved chosen, rejected as compute_loss expects
+    losses, metrics = compute_loss(
+        cfg.loss, sums.reshape(-1), counts.reshape(-1), ref_sum, ref_count
+    )
+    out = {"eval/loss": losses.mean().item(), "eval/num_pairs": float(len(index))}
+    out |= {f"eval/{k}": v.mean().item() for k, v in metrics.items()}
+    return out
