@@ -3,7 +3,6 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-CONFIG  ?= configs/tiny-cpu.toml
 # torch 2.13.0 CPU threads: keep the 2-core CI machine responsive
 export OMP_NUM_THREADS ?= 2
 

@@ -10,7 +10,9 @@ Query q may attend key k of the same row iff
 
 and every token attends to itself, so padding queries (doc == -1) get a defined output. The
 rule is written once (`allowed`) and used by the dense SDPA mask, the flex `mask_mod` and the
-KV-cache mask of `simpo.generate`.
+KV-cache mask of `simpo.generate`. The "sdpa" backend runs packed rows document by document
+(`simpo.attention_docs`: exact, and it skips the blocks between documents that a dense (T, T)
+mask pays for); a layout of another shape falls back to the dense mask.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from simpo.attention_docs import DocMasks, band_mask, build_doc_plan
 
 
 def allowed(
@@ -61,7 +65,7 @@ class Layout:
     branch_ids: Tensor
     position_ids: Tensor
     plain: bool = False
-    _masks: dict[tuple[str, int | None], Any] = field(
+    _masks: dict[tuple[Any, ...], Any] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -81,14 +85,40 @@ class Layout:
 
     def mask(self, window: int | None, softcap: float | None, backend: str) -> Any:
         """The mask `attend` uses: None for plain causal rows without window or soft-cap (SDPA's
-        is_causal kernels), else a bool mask (backend "sdpa") or a BlockMask ("flex")."""
+        is_causal kernels); for backend "sdpa" the per-document plan (`DocMasks`), or a dense
+        bool mask if the layout has no such plan; for "flex" a BlockMask."""
         if backend not in ("auto", "sdpa", "flex"):
             raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
         if self.plain and window is None and softcap is None:
             return None
         if backend == "auto":
             backend = "flex" if self.doc_ids.is_cuda else "sdpa"
-        return self.dense_mask(window) if backend == "sdpa" else self.block_mask(window)
+        if backend == "flex":
+            return self.block_mask(window)
+        docs = self.doc_masks(window, softcap)
+        return self.dense_mask(window) if docs is None else docs
+
+    def doc_masks(self, window: int | None, softcap: float | None) -> DocMasks | None:
+        """The per-document path's plan and per-length band masks; None if not applicable or
+        if every row is one causal sequence (padded rows: the dense mask is the baseline)."""
+        key = ("docs", window, softcap is not None)
+        if key not in self._masks:
+            if ("plan",) not in self._masks:
+                self._masks[("plan",)] = build_doc_plan(
+                    self.doc_ids, self.branch_ids, self.position_ids
+                )
+            plan, docs = self._masks[("plan",)], None
+            if plan is not None and plan.packed and (window is None or plan.consecutive):
+                # the math path (soft-cap) always needs a mask; SDPA only for a window < L
+                masks = tuple(
+                    band_mask(length, window, self.doc_ids.device)
+                    if softcap is not None or (window is not None and window < length)
+                    else None
+                    for length, _ in plan.groups
+                )
+                docs = DocMasks(plan, masks)
+            self._masks[key] = docs
+        return self._masks[key]
 
     def dense_mask(self, window: int | None) -> Tensor:
         """Boolean mask (B, 1, T, T) for SDPA; True = attend."""
@@ -144,6 +174,31 @@ def masked_attention(
     return probs @ v  # (B, Hq, Tq, D)
 
 
+def doc_attention(
+    q: Tensor, k: Tensor, v: Tensor, docs: DocMasks, scale: float, softcap: float | None
+) -> Tensor:
+    """Attention document by document (see `simpo.attention_docs`); shapes as in `attend`."""
+    B, Hq, T, _ = q.shape
+    plan = docs.plan
+    sizes = [length * n for length, n in plan.groups]
+    gathered = (  # all sequences one after the other, (N, H, D), split by group
+        x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3])[plan.index].split(sizes)
+        for x in (q, k, v)
+    )
+    outs = []  # (n * L, Hq, D) per group
+    for (L, n), mask, xs in zip(plan.groups, docs.masks, zip(*gathered), strict=True):
+        qg, kg, vg = (x.view(n, L, *x.shape[1:]).transpose(1, 2) for x in xs)  # (n, H, L, D)
+        if mask is None:
+            out = F.scaled_dot_product_attention(
+                qg, kg, vg, is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            out = masked_attention(qg, kg, vg, mask, scale, softcap)
+        outs.append(out.transpose(1, 2).reshape(n * L, Hq, -1))
+    out = torch.cat(outs)[plan.inverse]  # (B*T, Hq, D): each token's used output, row order
+    return out.view(B, T, Hq, -1).transpose(1, 2)
+
+
 _compiled_flex: Callable[..., Tensor] | None = None
 
 
@@ -191,6 +246,8 @@ def attend(
     mask = layout.mask(window, softcap, backend)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if isinstance(mask, DocMasks):
+        return doc_attention(q, k, v, mask, scale, softcap)
     if isinstance(mask, Tensor):
         return masked_attention(q, k, v, mask, scale, softcap)
     flex = _flex_fn(q.device)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from hf_tiny import one_thread  # noqa: F401
 
-from simpo.attention import Layout, attend
+from simpo.attention import Layout, attend, masked_attention
+from simpo.attention_docs import DocMasks
 from simpo.model import Transformer, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,6 +93,44 @@ def test_sdpa_backward_with_softcap_and_window() -> None:
     q, k, v = (t.requires_grad_() for t in _qkv(LAYOUT))
     attend(q, k, v, LAYOUT, window=4, softcap=0.5, backend="sdpa").sum().backward()
     assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (3, None), (4, 0.5)])
+def test_per_document_path_equals_dense_mask(window: int | None, softcap: float | None) -> None:
+    """The per-document SDPA path gives the dense-mask outputs and gradients (GQA, windows
+    shorter than the documents, plain documents and shared-prompt pairs in one row)."""
+    g = torch.Generator().manual_seed(2)
+
+    def n(lo: int) -> int:
+        return int(torch.randint(lo, 9, (), generator=g))
+
+    rows = [[(n(1), n(0) if k % 2 else 0, n(1) if k % 2 else 0) for k in range(4)] for _ in "ab"]
+    rows[0][1] = (2, 3, 3)  # a pair of equal sequences: one batched call of two
+    width = max(sum(map(sum, r)) for r in rows) + 2
+    layout = _packed_layout(rows, width)
+    assert isinstance(layout.mask(window, softcap, "sdpa"), DocMasks)
+    q, k, v = _qkv(layout, hq=6, hkv=2, d=8)
+    results = []
+    for fn in (
+        lambda q, k, v: attend(q, k, v, layout, window=window, softcap=softcap, scale=0.4),
+        lambda q, k, v: masked_attention(q, k, v, layout.dense_mask(window), 0.4, softcap),
+    ):
+        qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*qkv)
+        out.backward(torch.cos(torch.arange(out.numel()).view_as(out).float()))
+        results.append([out, *(t.grad for t in qkv)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_per_document_plan_rejects_other_shapes() -> None:
+    """A document split over two spans has no plan: attend falls back to the dense mask."""
+    doc = torch.tensor([[0, 0, 1, 1, 0]])
+    layout = Layout(doc, torch.zeros_like(doc), torch.arange(5)[None])
+    assert isinstance(layout.mask(None, None, "sdpa"), torch.Tensor)
+    q, k, v = _qkv(layout)
+    want = masked_attention(q, k, v, layout.dense_mask(None), 0.25, None)
+    torch.testing.assert_close(attend(q, k, v, layout, scale=0.25), want)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "qwen2"])
