@@ -57,9 +57,9 @@ def has_empty_micro_batch(data: Path, model: Path, batch_size: int, max_tokens: 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_two_ranks_match_one_process(tiny, tmp_path, precision):
     model, data = tiny
-    extra = (f"--train.precision={precision}", "--train.batch_size=5", "--data.max_tokens=256")
+    extra = (f"--train.precision={precision}", "--train.batch_size=5", "--data.max_tokens=192")
     extra += (f"--train.max_steps={STEPS}", f"--train.lr={LR}")
-    assert has_empty_micro_batch(data, model, batch_size=5, max_tokens=256)
+    assert has_empty_micro_batch(data, model, batch_size=5, max_tokens=192)
     run_train(train_argv(tmp_path / "one", model, data, *extra))
     proc = torchrun(train_argv(tmp_path / "two", model, data, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
