@@ -4,7 +4,7 @@ Peak memory is measured per variant in its own process: the parent starts the ch
 its resident set (killing it above a cap, so a runaway peer cannot take the shared machine
 down) and reaps it with `os.wait4`, whose rusage gives the child's peak RSS even if killed.
 Times are measured side by side in one process where possible: variants interleaved, after
-warmup, summarised by the median.
+warmup, summarised by the median, as wall clock and as process CPU time.
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ MISTRAL_SPM = SHARED / "tokenizers" / "mistral-7b-v0.1.model"
 RESULT_PREFIX = "RESULT "  # a child's last line: RESULT {json}
 
 
-def rss_gb() -> float:
-    """Current resident set of this process, GB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+def rss_gb(pid: int | str = "self") -> float:
+    """Current resident set of a process (default: this one), GB; 0 once it has exited."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
 
 
 def peak_rss_gb() -> float:
@@ -73,7 +76,7 @@ def run_child(argv: list[str], cap_gb: float, timeout_s: float = 3600) -> ChildR
             if pid:
                 break
             too_long = time.monotonic() - start > timeout_s
-            if not killed and (_child_rss_gb(proc.pid) > cap_gb or too_long):
+            if not killed and (rss_gb(proc.pid) > cap_gb or too_long):
                 killed = True
                 os.kill(proc.pid, signal.SIGKILL)
             time.sleep(0.05)
@@ -86,18 +89,11 @@ def run_child(argv: list[str], cap_gb: float, timeout_s: float = 3600) -> ChildR
     return ChildResult(result, usage.ru_maxrss * 1024 / 1e9, killed, "\n".join(lines[-15:]))
 
 
-def _child_rss_gb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-
-
 @dataclass
 class Timings:
     """Seconds per timed step: wall clock, and CPU time of this process (all its threads),
-    which a busy shared machine disturbs far less than the wall clock."""
+    which a busy shared machine disturbs less than the wall clock (but spinning OpenMP
+    threads waiting for a descheduled peer still count)."""
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)

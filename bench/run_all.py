@@ -9,6 +9,7 @@ recorded results are in bench/RESULTS.md.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ def run(script: str) -> tuple[int, str, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help, and no other flags
     results = {}
     for script in SCRIPTS:
         print(f"\n===== bench/{script} --quick", flush=True)
