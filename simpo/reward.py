@@ -22,11 +22,17 @@ The heads run in fp32 whatever the backbone's dtype.
 The K responses of one prompt are scored in one row: their common token prefix (the prompt)
 once, each response after it as its own branch (`simpo.attention.Layout`), exactly as K
 separate sequences. PairRM (a DeBERTa pairwise ranker) is not supported.
+
+Verifiable rewards: `load_reward_function("pkg.module:function")`, called through
+`call_reward_function`, which turns an exception, a non-number or NaN into a RewardError.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +265,36 @@ def score_groups(
             k = len(groups[j])
             out[j], rewards = rewards[:k], rewards[k:]
     return out
+
+
+def load_reward_function(spec: str) -> Callable[[str, str], Any]:
+    """The function named by `pkg.module:function`: function(prompt, response) -> float."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise RewardError(f"reward {spec!r}: expected a reward model directory or module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward {spec!r}: cannot import {module_name} ({e})") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: {module_name} has no function {name!r}")
+    return fn
+
+
+def call_reward_function(fn: Callable[[str, str], Any], prompt: str, response: str) -> float:
+    """fn(prompt, response) as a finite float; RewardError if it raises, returns something that
+    is not a number, or NaN / inf (never read as a reward of 0)."""
+    try:
+        value = fn(prompt, response)
+    except Exception as e:
+        raise RewardError(f"raised {type(e).__name__}: {e}") from e
+    if isinstance(value, str | bytes) or value is None:
+        raise RewardError(f"returned {value!r}, not a number")
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"returned {value!r}, not a number") from e
+    if not math.isfinite(value):
+        raise RewardError(f"returned {value}")
+    return value

@@ -35,7 +35,7 @@ VOCAB = 512
 def make_seq_cls(family: str, out: Path, **overrides) -> Path:
     """A tiny random transformers *ForSequenceClassification checkpoint (1 label, fp32)."""
     transformers = pytest.importorskip("transformers")
-    cfg = tiny_hf_config(family, vocab_size=VOCAB, **overrides)
+    cfg = tiny_hf_config(family, **{"vocab_size": VOCAB, **overrides})
     model_type = cfg.pop("model_type")
     config = transformers.AutoConfig.for_model(
         model_type, initializer_range=0.1, num_labels=1, **cfg
