@@ -113,6 +113,15 @@ def test_metrics_match_an_independent_computation(tiny, tmp_path):
     assert m["num_pairs"] == 40 and m["num_skipped"] == 0
 
 
+def test_preference_metrics_count_a_tie_as_wrong():
+    """Strict `>` (TRL, the official trainer): a tied pair is not a correct one."""
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 1.0], [0.5, 0.5], [0.0, 1.0]])  # (P, 2)
+    lengths = torch.tensor([[3, 2], [3, 2], [2, 3], [2, 3]])  # chosen longer, then shorter
+    m = ev.preference_metrics(rewards, lengths)
+    assert (m["accuracy"], m["margin"]) == (0.25, 0.0)
+    assert (m["accuracy_chosen_longer"], m["accuracy_rejected_longer"]) == (0.5, 0.0)
+
+
 def test_generation_writes_alpaca_eval_model_outputs(tiny, tmp_path):
     policy, _, _ = tiny
     prompts = tmp_path / "prompts.jsonl"
