@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch 2.13.0 CPU threads: keep the 2-core CI machine responsive
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install lint format test mutate demo bench clean
+.PHONY: install lint format test mutate demo bench readme-numbers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,9 @@ demo: install
 bench: install
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/run_all.py
+
+readme-numbers: install
+	$(BIN)/python bench/readme_numbers.py
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache .ruff_cache *.egg-info

@@ -114,9 +114,9 @@ MUTANTS = [
         "packed documents attend to each other",
     ),
     Mutant(
-        "loss_normalisation", "train.py",
-        "(losses.sum() * d.world_size / tc.batch_size).backward()",
-        "(losses.mean() * d.world_size).backward()",
+        "loss_normalisation", "simpo/step.py",
+        "(losses.sum() * world.world_size / batch_size).backward()",
+        "(losses.mean() * world.world_size).backward()",
         ("tests/test_train.py", "tests/test_distributed.py"),
         "the loss is averaged per micro-batch instead of over the global batch",
     ),

@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from simpo import demo
+from simpo.demo import run as demo
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpo.checkpoint import save_hf
 from simpo.config import DataConfig
 from simpo.data import load_pairs
-from simpo.model import ModelArgs, Transformer, tiny_hf_config
-from simpo.synthetic import write_synthetic_prefs
-from simpo.tiny import build_tiny_model_dir, texts_from_file
+from simpo.demo.synthetic import write_synthetic_prefs
+from simpo.demo.tiny import build_tiny_model_dir, texts_from_file, tiny_hf_config
+from simpo.hf import load_model, read_hf_config, save_hf
+from simpo.model import Transformer
 from simpo.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def one_thread():
 
 def perturbed_copy(src: Path, dst: Path, seed: int) -> Path:
     """`src` with larger random weights, so log-probs differ clearly between responses."""
-    model = Transformer.from_pretrained(src)
+    model = load_model(src)
     model.init_weights(seed, std=0.3)
     return save_hf(model, dst, tokenizer_dir=src)
 
@@ -58,7 +58,7 @@ def full_logits_logps(model_dir: Path, data: Path) -> tuple[torch.Tensor, torch.
     """Per pair log-prob sums and lengths (P, 2), from whole-sequence logits + log_softmax."""
     tokenizer = Tokenizer.from_dir(model_dir)
     pairs, _ = load_pairs(data, tokenizer, DataConfig(num_workers=1), progress=False)
-    model = Transformer.from_pretrained(model_dir)
+    model = load_model(model_dir)
     sums, lengths = [], []
     with torch.no_grad():
         for p in pairs:
@@ -141,7 +141,7 @@ def test_generation_writes_alpaca_eval_model_outputs(tiny, tmp_path):
     # greedy decoding by hand, from whole-sequence logits over the tokenizer's ids (the tiny
     # model's head is wider): the same texts and token counts
     tokenizer = Tokenizer.from_dir(policy)
-    model = Transformer.from_pretrained(policy)
+    model = load_model(policy)
     lengths = []
     for row, got in zip(rows, outputs, strict=True):
         ids = ev.encode_prompt([{"role": "user", "content": row["instruction"]}], tokenizer, "auto")
@@ -234,7 +234,7 @@ def test_real_alpaca_eval_prefs_with_the_mistral_tokenizer(tmp_path):
     model_dir.mkdir()
     shutil.copyfile(SHARED / "tokenizers" / "mistral-7b-v0.1.model", model_dir / "tokenizer.model")
     hf = tiny_hf_config("mistral", vocab_size=32000, hidden_size=32, num_hidden_layers=1)
-    model = Transformer(ModelArgs.from_hf_config(hf))
+    model = Transformer(read_hf_config(hf))
     model.init_weights(seed=0)
     save_hf(model, model_dir)
     subset = tmp_path / "prefs.jsonl"  # the first rows of the real file: tokenising all is slow

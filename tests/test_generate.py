@@ -10,8 +10,10 @@ import pytest
 import torch
 from hf_tiny import cached_tiny_hf, load_hf, one_thread  # noqa: F401
 
+from simpo.demo.tiny import tiny_args
 from simpo.generate import _sample, generate
-from simpo.model import Transformer, tiny_args
+from simpo.hf import load_model
+from simpo.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +26,7 @@ NEW = 10
 def test_greedy_equals_transformers_and_no_cache(family: str) -> None:
     pytest.importorskip("transformers")
     path = cached_tiny_hf(family)
-    ours = Transformer.from_pretrained(path)
+    ours = load_model(path)
     cached = generate(ours, PROMPTS, NEW)
     assert cached == generate(ours, PROMPTS, NEW, use_cache=False)
     ref = load_hf(path)
