@@ -42,6 +42,7 @@ from tqdm import tqdm
 from simpo.binarize import binarize
 from simpo.data import DataError
 from simpo.generate import sample, sample_key
+from simpo.hf import load_model
 from simpo.model import Transformer
 from simpo.readers import Skip, parse_row, read_records
 from simpo.reward import (
@@ -255,7 +256,7 @@ def generate_stage(
     if not mine:
         return
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.policy)
-    model = Transformer.from_pretrained(args.policy, model_dtype(args, device), device).eval()
+    model = load_model(args.policy, model_dtype(args, device), device).eval()
     slots = args.max_batch_slots or kv_slot_budget(model, device)
     total = sum(len(range(s * size, min(n, (s + 1) * size))) for s in mine)
     bar = tqdm(total=total, desc=f"sampling (rank {rank})", disable=args.quiet or rank != 0)

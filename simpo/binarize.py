@@ -46,7 +46,8 @@ def binarize(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict], dict[s
         if "responses" in row:
             tokens += row["num_tokens"]
             capped += sum(not s for s in row["stopped"])
-            samples.append(row | ({"skipped": reason} if reason else {"chosen": hi, "rejected": lo}))
+            picked = {"skipped": reason} if reason else {"chosen": hi, "rejected": lo}
+            samples.append(row | picked)
         if reason:
             skipped[reason] += 1
             continue

@@ -74,7 +74,7 @@ def sample_batch(
     step_fn = step_function(compile)
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, P): 0 at each first real token
     cache = KVCache.prefill(buf, windows, pos, valid, K)
-    hidden = model.hidden_states(ids, pos, cache=cache)[:, -1]  # (B, dim): the prompt, once
+    hidden = model.hidden_states(ids, cache=cache, position_ids=pos)[:, -1]  # (B, dim): once
     logits = head(model, hidden).repeat_interleave(K, 0)  # (R, V)
     keys, pos = keys.flatten().to(device), pos[:, -1:].repeat_interleave(K, 0) + 1  # (R,), (R, 1)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
@@ -214,7 +214,7 @@ def sample_no_cache(
     for t in range(max_new_tokens):
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
         layout = Layout(torch.where(valid, 0, -1), torch.zeros_like(ids), pos)
-        logits = model(ids, pos, layout)[:, -1]  # (R, V)
+        logits = model(ids, layout)[:, -1]  # (R, V)
         nxt = choose(logits, temperature, top_p, keys, t)
         for i, tok in enumerate(nxt.tolist()):
             stopped[i] = stopped[i] or tok in stop_ids

@@ -130,7 +130,7 @@ def decode_step(model: nn.Module, buf: KVBuffers, ids: Tensor, pos: Tensor, slot
                 end: int | None) -> Tensor:  # fmt: skip
     """Logits (R, V) of one new token per row: ids, pos (R, 1) going into slot (1,)."""
     cache = KVCache.decode(buf, set(model.args.windows), pos, slot, end)
-    return head(model, model.hidden_states(ids, pos, cache=cache)[:, -1])
+    return head(model, model.hidden_states(ids, cache=cache, position_ids=pos)[:, -1])
 
 
 _COMPILED: dict[str, Callable[..., Tensor]] = {}

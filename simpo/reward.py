@@ -41,9 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simpo.attention import Layout
-from simpo.checkpoint import load_state_into
-from simpo.hf_config import ModelArgs
-from simpo.model import Backbone, Transformer
+from simpo.hf import load_state_into, read_hf_config
+from simpo.model import Backbone, ModelArgs, Transformer
 from simpo.templates import Special, encode_segments, get_template, render_prompt
 from simpo.tokenizer import Tokenizer
 
@@ -74,13 +73,14 @@ class Gating(nn.Module):
 class RewardModel(nn.Module):
     """Backbone (HF names `model.*`) and a reward head; `architecture` is config.json's."""
 
-    hidden_states = Transformer.hidden_states  # the same backbone forward (uses args, model)
+    hidden_states = Transformer.hidden_states  # the same backbone forward (args, model, backend)
 
-    def __init__(self, args: ModelArgs, config: dict[str, Any]) -> None:
+    def __init__(self, args: ModelArgs, config: dict[str, Any], attn_backend: str = "auto") -> None:
         super().__init__()
         self.args, self.architecture = args, config["architectures"][0]
+        self.attn_backend = attn_backend
         self.pad_token_id: int | None = config.get("pad_token_id")
-        self.model = Backbone(args)
+        self.model = Backbone(args, attn_backend)
         if self.architecture == ARMORM:
             n = int(config.get("num_objectives", 19))
             self.regression_layer = nn.Linear(args.dim, n, bias=False)
@@ -134,7 +134,7 @@ def load_reward_model(
     labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
     if arch != ARMORM and labels != 1:
         raise RewardError(f"{config_file}: {labels} labels; a reward model has 1 (num_labels)")
-    args = ModelArgs.from_hf_config(config_file)
+    args = read_hf_config(config_file)
     args.tie_word_embeddings = True  # no language-model head in a reward checkpoint
     with torch.device("meta"):
         model = RewardModel(args, config).to(dtype)
@@ -258,7 +258,7 @@ def score_groups(
             read += [b * width + x for x in r_read]
             gate += [b * width + x for x in r_gate]
         layout = Layout(doc, branch, pos).to(device)
-        hidden = rm.hidden_states(ids.to(device), layout.position_ids, layout).flatten(0, 1)
+        hidden = rm.hidden_states(ids.to(device), layout).flatten(0, 1)
         rewards = rm.rewards(hidden[torch.tensor(read, device=device)],
                              hidden[torch.tensor(gate, device=device)]).tolist()  # fmt: skip
         for j in batch:

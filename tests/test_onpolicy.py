@@ -20,6 +20,8 @@ import pytest
 from simpo.binarize import binarize
 from simpo.config import DataConfig
 from simpo.data import load_pairs
+from simpo.demo.synthetic import final_answer, reward, solve, synthetic_rows, write_synthetic_prefs
+from simpo.demo.tiny import build_tiny_model_dir, texts_from_file
 from simpo.reward import (
     RewardError,
     encode_for_reward,
@@ -28,9 +30,7 @@ from simpo.reward import (
     score_groups,
 )
 from simpo.shards import ShardError
-from simpo.synthetic import final_answer, reward, solve, synthetic_rows, write_synthetic_prefs
 from simpo.templates import encode_prompt
-from simpo.tiny import build_tiny_model_dir, texts_from_file
 from simpo.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

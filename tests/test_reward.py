@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from sp_helpers import train_tokenizer
 from torch import nn
 
-from simpo.hf_config import tiny_hf_config
+from simpo.demo.tiny import tiny_hf_config
 from simpo.reward import (
     ARMORM,
     RewardError,

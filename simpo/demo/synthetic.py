@@ -10,7 +10,7 @@ and held-out accuracy split by which response is longer shows whether it gave in
 
 Rows are UltraFeedback-style (`prompt`, `chosen` / `rejected` message lists) plus `task`.
 `reward(prompt, response)` checks an answer from the question's text alone (a verifiable
-reward for on-policy data, `onpolicy.py --reward simpo.synthetic:reward`).
+reward for on-policy data, `onpolicy.py --reward simpo.demo.synthetic:reward`).
 """
 
 from __future__ import annotations
@@ -201,6 +201,6 @@ def solve(prompt: str) -> str:
 
 
 def reward(prompt: str, response: str) -> float:
-    """The task's checker, a verifiable reward (`onpolicy.py --reward simpo.synthetic:reward`):
+    """The task's checker, a verifiable reward (`onpolicy.py --reward simpo.demo.synthetic:reward`):
     1.0 if the answer the response commits to is right, else 0.0."""
     return float(final_answer(response) == solve(prompt))
