@@ -11,7 +11,10 @@ MFU is torchtitan's: 6 x non-embedding parameters per token plus 12 x layers x h
 head_dim x context for attention, counting real tokens only (`simpo.metrics.train_flops`,
 the number train.py logs), over a dense bf16 peak of 989 TFLOP/s (H100/H200). The fused
 log-prob kernel is timed alone: effective TFLOP/s = 6 N V D (the FLOPs of the naive forward
-and backward) per second, and against the naive full-logits version.
+and backward) per second, and against the naive full-logits version. Decoding
+(`bench/decode.py`): tokens/s of simpo.generate.sample at 1 and 64 rows (16 prompts x 4
+samples, 128 prompt + 128 new tokens), the decode step compiled to CUDA graphs, next to the
+memory-bandwidth bound (weight + KV bytes per step over the HBM bandwidth).
 
 One call runs everything (each configuration time-boxed; an out-of-memory configuration is
 recorded and, with AdamW, retried without optimizer state) and writes the table to
@@ -19,6 +22,7 @@ $OUT/gpu_results.md (or --out) and stdout:
 
     python bench/gpu.py                     # CUDA only; prints a skip line elsewhere
     python bench/gpu.py --cpu-dry-run       # tiny shapes, sdpa, CPU: exercises the code path
+    python bench/gpu.py --decode-only       # just the decoding table
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from bench.common import (  # noqa: E402
     synthetic_pairs,
     table,
 )
+from bench.decode import DECODE_HEADER, DecodeResult, decode_bench, decode_table  # noqa: E402
 from simpo.config import LossConfig  # noqa: E402
 from simpo.fsdp import parallelize  # noqa: E402
 from simpo.hf import read_hf_config
@@ -94,6 +99,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--config-budget-s", type=float, default=60, help="per config, after step 1")
     p.add_argument("--budget-s", type=float, default=400, help="start no config after this")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--decode-only", action="store_true", help="only the decoding table")
+    p.add_argument("--no-decode", action="store_true", help="skip the decoding table")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs")))
     args = p.parse_args()
     if args.cpu_dry_run:
@@ -256,7 +263,23 @@ def kernel_bench(world: World, dim: int, vocab: int, n: int) -> tuple[float, flo
     return 6 * n * vocab * dim / fused / 1e12, naive / fused
 
 
-def report(args: argparse.Namespace, results: list[Result], kernels: list[list]) -> str:
+def run_decode(args: argparse.Namespace, world: World) -> list[DecodeResult]:
+    """Decode tokens/s per shape at 1 row and at 16 prompts x 4 samples (dry run: smaller)."""
+    prompt, new = (16, 8) if args.cpu_dry_run else (128, 128)
+    out = []
+    for shape in args.shapes:
+        for prompts, samples in ((1, 1), (2, 2) if args.cpu_dry_run else (16, 4)):
+            r = decode_bench(shape, SHAPES[shape], world.device, prompts, samples, prompt, new)
+            print(f"decode {shape}, {r.rows} rows: {r.tokens_s:,.0f} tokens/s", flush=True)
+            out.append(r)
+            free(world)
+    return out
+
+
+def report(
+    args: argparse.Namespace, results: list[Result], kernels: list[list],
+    decode: list[DecodeResult],
+) -> str:  # fmt: skip
     real = PREFS.is_file() and not args.cpu_dry_run
     rows = [
         [r.shape, "on" if r.ac else "off", r.status, f"{r.tokens_s:,.0f}", f"{100 * r.mfu:.1f}%",
@@ -275,12 +298,17 @@ def report(args: argparse.Namespace, results: list[Result], kernels: list[list])
         "",
         table(["kernel D x V, N tokens", "effective TFLOP/s", "naive time / fused"], kernels),
     ]
+    if decode:
+        lines += ["", "Decoding (simpo.generate.sample, bf16, temperature 0.8, top-p 0.95; "
+                  "bound = rows x HBM bandwidth / (weight + KV bytes per step)):", "",
+                  table(DECODE_HEADER, decode_table(decode))]  # fmt: skip
     best = {}
     for r in results:
         if r.status in ("ok", "fwd+bwd only") and r.mfu > best.get(r.shape, (0.0, ""))[0]:
             best[r.shape] = (r.mfu, f"AC {'on' if r.ac else 'off'}")
     head = [f"{s} MFU {100 * m:.1f}% ({how})" for s, (m, how) in best.items()]
     head += [f"kernel {kernels[-1][1]} TFLOP/s"] if kernels else []
+    head += [f"decode {r.shape} x{r.rows} {r.tokens_s:,.0f} tok/s" for r in decode]
     lines += ["", "gpu: " + "; ".join(head)]
     return "\n".join(lines)
 
@@ -295,14 +323,15 @@ def main() -> None:
         print("gpu: SKIPPED: no CUDA device (try --cpu-dry-run to exercise the code path)")
         return
     world = init_world()
-    results = run_all(args, world)
+    results = [] if args.decode_only else run_all(args, world)
     sizes = [(64, 1024, 512)] if args.cpu_dry_run else [(2048, 128256, 4096), (4096, 128256, 4096)]
     kernels = []
-    for dim, vocab, n in sizes:
+    for dim, vocab, n in [] if args.decode_only else sizes:
         tflops, speed = kernel_bench(world, dim, vocab, n)
         kernels.append([f"{dim} x {vocab}, {n}", f"{tflops:.1f}", f"{speed:.2f}"])
         print(f"kernel {kernels[-1]}", flush=True)
-    text = report(args, results, kernels)
+    decode = [] if args.no_decode else run_decode(args, world)
+    text = report(args, results, kernels, decode)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_results.md").write_text(text + "\n")
     print("\n" + text, flush=True)

@@ -16,7 +16,8 @@ from xml.sax.saxutils import escape
 Series = dict[str, list[tuple[float, float]]]  # name -> [(x, y), ...]
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
-COLORS = {"SFT": "#7f7f7f", "SimPO": "#1f77b4", "DPO": "#ff7f0e"}  # the demo's models
+ONPOLICY = "SimPO on-policy"  # the demo's SimPO on its own sampled, checker-scored pairs
+COLORS = {"SFT": "#7f7f7f", "SimPO": "#1f77b4", "DPO": "#ff7f0e", ONPOLICY: "#2ca02c"}
 FONT = 'font-family="Helvetica, Arial, sans-serif"'
 
 
@@ -149,7 +150,7 @@ def write_demo_report(results: dict[str, Any], out: Path) -> Path:
     plan, m, wall = results["plan"], results["metrics"], results["wall_s"]
     names = list(m)
     # SimPO and DPO continue from the SFT checkpoint: draw them after its steps
-    start = {"SFT": 0, "SimPO": plan["sft_steps"], "DPO": plan["sft_steps"]}
+    start = {name: 0 if name == "SFT" else plan["sft_steps"] for name in names}
     runs = {name: read_jsonl(out / run / "metrics.jsonl") for name, run in results["runs"].items()}
 
     def series(key: str, names: Sequence[str] = names) -> Series:
@@ -158,7 +159,9 @@ def write_demo_report(results: dict[str, Any], out: Path) -> Path:
     xlabel = "step (SimPO and DPO start from the SFT checkpoint)"
     accuracy = series("eval/rewards/accuracies")
     if accuracy["SFT"]:  # SFT's reward is avg log-prob, SimPO's up to β: SimPO starts there
-        accuracy["SimPO"].insert(0, accuracy["SFT"][-1])
+        for name in ("SimPO", ONPOLICY):
+            if name in accuracy:
+                accuracy[name].insert(0, accuracy["SFT"][-1])
     charts = {
         "loss.svg": line_chart(series("loss"), "training loss", xlabel, smooth=0.6, colors=COLORS),
         "heldout_accuracy.svg": line_chart(
@@ -169,7 +172,7 @@ def write_demo_report(results: dict[str, Any], out: Path) -> Path:
             colors=COLORS,
         ),  # fmt: skip
         "margins.svg": line_chart(
-            series("rewards/margins", ["SimPO", "DPO"]),
+            series("rewards/margins", [n for n in names if n != "SFT"]),
             "reward margin (training batches)",
             xlabel,
             "chosen - rejected",
@@ -223,13 +226,20 @@ def write_demo_report(results: dict[str, Any], out: Path) -> Path:
         f"(β={plan['dpo_beta']}) from the same SFT checkpoint, {plan['steps']} steps each at "
         f"lr {plan['lr']:g}, {plan['batch_size']} pairs a step."
     )
+    if ONPOLICY in m:
+        intro += (
+            f" A fourth model, {ONPOLICY}, trains the same way on pairs the SFT model sampled "
+            "itself and the task's checker scored (the on-policy round below)."
+        )
     if plan["sft_weight"]:
         intro += (
-            f" Both with `loss.sft_weight={plan['sft_weight']}`, the NLL of the chosen answer "
+            f" Every preference run with `loss.sft_weight={plan['sft_weight']}`, the NLL of the "
+            "chosen answer "
             "(the official SimPO trainer's `sft_weight`): at a learning rate 1000x the 7B "
             "recipes', a tiny model trained without it still gains preference accuracy, but "
             "its greedy answers degenerate into repeated fragments."
         )
+    onpolicy = onpolicy_section(results, correct) if "onpolicy" in results else ""
     text = f"""# SimPO demo
 
 {intro} Seed {results["seed"]}; wall time {wall["total"]:.0f} s.
@@ -247,7 +257,7 @@ questions whose final answer is right; *answer length*: their mean length in tok
 
 Under DPO's reward β·(log π − log π_SFT), relative to the SFT checkpoint:
 
-{dpo_view}
+{dpo_view}{onpolicy}
 ## Accuracy by task
 
 {by_task}
@@ -264,8 +274,52 @@ Under DPO's reward β·(log π − log π_SFT), relative to the SFT checkpoint:
 
 {markdown_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in wall.items()])}
 Reproduce: `python -m simpo.demo --out {out} --seed {results["seed"]}`; the runs are in
-`sft/`, `simpo/`, `dpo/` (metrics.jsonl, config.toml, final/), the evaluations in `eval/`.
+`sft/`, `simpo/`, `dpo/`, `simpo_onpolicy/` (metrics.jsonl, config.toml, final/), the
+on-policy samples and pairs in `onpolicy/`, the evaluations in `eval/`.
 """
     path = out / "report.md"
     path.write_text(text)
     return path
+
+
+def onpolicy_section(results: dict[str, Any], correct: Any) -> str:
+    """The on-policy round: off- and on-policy SimPO side by side, and sampled answers with the
+    checker's rewards."""
+    plan, m, op = results["plan"], results["metrics"], results["onpolicy"]
+    summary, k = op["summary"], plan["onpolicy_samples"]
+    side = markdown_table(
+        ["SimPO trained on", "held-out accuracy", "answers correct", "answer length (tokens)"],
+        [[label, _pct(m[n]["accuracy"]), _pct(correct(n)), f"{m[n]['gen_mean_tokens']:.1f}"]
+         for label, n in (("the given pairs (off-policy)", "SimPO"),
+                          ("its own sampled pairs (on-policy)", ONPOLICY))],
+    )  # fmt: skip
+    skipped = ", ".join(f"{r.replace('_', ' ')}: {n}" for r, n in summary["skipped"].items())
+    samples = []
+    for row in op["examples"]:
+        samples.append(f"**{row['prompt']}**\n")
+        rewards = row.get("rewards") or [None] * len(row["responses"])
+        for i, (text, reward) in enumerate(zip(row["responses"], rewards, strict=True)):
+            role = {row.get("chosen"): " (chosen)", row.get("rejected"): " (rejected)"}.get(i, "")
+            score = "-" if reward is None else f"{reward:g}"
+            samples.append(f"- reward {score}{role}: {text or '(empty)'}")
+        if row.get("skipped"):
+            samples.append(f"- no pair: {row['skipped'].replace('_', ' ')}")
+        samples.append("")
+    right = 100 * op["samples_right"]
+    return f"""
+## On-policy round (`onpolicy.py`)
+
+The SFT model answered {summary["prompts"]} distinct training questions {k} times each
+(temperature 0.8, top-p 0.95, the official SimPO decoding settings); the task's checker
+(`simpo.demo.synthetic:reward`, 1 if the final answer is right, else 0) scored every answer:
+{right:.0f}% were right. The highest- and lowest-scored answers of a question became a pair,
+which exists only where its answers disagree: {summary["pairs"]} pairs ({skipped or "no"}
+questions without one). SimPO then trained from the SFT checkpoint on those pairs with the same
+settings as on the given pairs, for {plan["onpolicy_steps"]} steps (more only overfit so few
+pairs). On-policy data is only as plentiful as the policy is sometimes right: a stronger SFT
+model, or more samples per question, gives more pairs.
+
+{side}
+Sampled answers and their rewards (the first questions):
+
+{chr(10).join(samples)}"""
