@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from simpo.binarize import binarize
 from simpo.data import DataError
-from simpo.generate import sample, sample_key
+from simpo.generate import release_pool, sample, sample_key
 from simpo.hf import load_model
 from simpo.model import Transformer
 from simpo.readers import Skip, parse_row, read_records
@@ -270,6 +270,7 @@ def generate_stage(
         log(out, rank, record | {"seconds": seconds, "tokens_per_s": new / seconds})
     bar.close()
     del model
+    release_pool()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

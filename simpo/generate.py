@@ -29,9 +29,18 @@ from torch import Tensor, nn
 
 from simpo.attention import Layout
 from simpo.draws import choose, sample_key
-from simpo.kvcache import KVBuffers, KVCache, compile_failed, decode_step, head, step_function
+from simpo.kvcache import (
+    KVBuffers,
+    KVCache,
+    compile_failed,
+    decode_step,
+    head,
+    release_pool,
+    step_function,
+)
 
-__all__ = ["Completion", "KVCache", "generate", "length_batches", "sample", "sample_key"]
+__all__ = ["Completion", "KVCache", "generate", "length_batches", "release_pool", "sample",
+           "sample_key"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,21 +114,16 @@ def sample_batch(
     return [Completion(row[:n], n < N) for row, n in zip(out, length, strict=True)]
 
 
-def length_batches(
-    lengths: Sequence[int], copies: int, new_tokens: int, max_prompts: int, max_slots: int
-) -> list[list[int]]:
-    """Prompt indices grouped longest first: at most `max_prompts` per batch and at most
-    `max_slots` cache slots (prompts x copies x (longest + new_tokens)); a prompt that alone
-    exceeds `max_slots` gets a batch of its own."""
+def length_batches(lengths: Sequence[int], capacity: Callable[[int], int]) -> list[list[int]]:
+    """Prompt indices grouped longest first; a batch whose first (longest) prompt has length L
+    holds at most capacity(L) prompts (at least one)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
-        cur = batches[-1] if batches else []
-        width = (lengths[cur[0]] if cur else lengths[i]) + new_tokens  # the first is the longest
-        if not cur or len(cur) >= max_prompts or (len(cur) + 1) * copies * width > max_slots:
-            batches.append([i])
+        if batches and len(batches[-1]) < capacity(lengths[batches[-1][0]]):
+            batches[-1].append(i)
         else:
-            cur.append(i)
+            batches.append([i])
     return batches
 
 
@@ -143,9 +147,10 @@ def sample(
     """`num_samples` completions of each prompt (a list per prompt, in prompt order).
 
     keys: per prompt, one key per sample (`sample_key`); default sample_key(0, i, k).
-    Prompts are batched longest first (`length_batches`); `vocab_size` limits sampling to the
-    tokenizer's ids when the head has more rows. compile: None = on CUDA only. `progress` is
-    called with the number of prompts after each batch.
+    Prompts are batched longest first (`length_batches`), at most `batch_prompts` per batch
+    and at most `max_slots` KV-cache slots (rows x cache length). `vocab_size` limits sampling
+    to the tokenizer's ids when the head has more rows. compile: None = on CUDA only; a dict
+    gives torch.compile options. `progress` is called with the number of prompts per batch.
     """
     K = num_samples
     if any(len(p) == 0 for p in prompts):
@@ -156,10 +161,18 @@ def sample(
         raise ValueError(f"sample: expected {K} keys for each of the {len(prompts)} prompts")
     if compile is None:
         compile = model.head_weight.is_cuda
+    N, static = max_new_tokens, compile is not False
+
+    def capacity(longest: int) -> int:  # prompts whose K rows of cache slots fit max_slots
+        slots = bucket(longest + N) if static else longest + N
+        return max(1, min(batch_prompts, max_slots // (K * slots)))
+
     results: list[list[Completion]] = [[] for _ in prompts]
     lengths = [len(p) for p in prompts]
-    for batch in length_batches(lengths, K, max_new_tokens, batch_prompts, max_slots):
-        padded = batch + batch[-1:] * (batch_prompts - len(batch) if compile else 0)
+    for batch in length_batches(lengths, capacity):
+        # static shapes: a batch is padded to its length bucket's capacity (one graph each)
+        full = capacity(lengths[batch[0]]) if static else len(batch)
+        padded = batch + batch[-1:] * (full - len(batch))
         key_t = torch.tensor([keys[i] for i in padded], dtype=torch.long)  # (B, K)
         done = sample_batch(
             model, [prompts[i] for i in padded], key_t, max_new_tokens, temperature, top_p,
@@ -195,6 +208,7 @@ def generate(
             model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
             stop_ids=stop_ids, keys=keys, batch_prompts=max(1, len(prompts)),
         )  # fmt: skip
+        release_pool()  # the caller may load another model next
         return [c[0].tokens for c in out]
     key_t = torch.tensor(keys, dtype=torch.long).flatten()
     return [c.tokens for c in sample_no_cache(model, prompts, key_t, max_new_tokens,

@@ -14,6 +14,7 @@ so far only.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,18 +39,35 @@ class KVBuffers:
 
     @classmethod
     def allocate(cls, model: nn.Module, rows: int, slots: int, static: bool = False) -> KVBuffers:
+        """Zeroed buffers; `static`: views of one pooled allocation per tensor, so that every
+        batch's buffers sit at the same addresses and a recorded CUDA graph replays on them
+        (a larger request grows the pool once). Stale contents are harmless: a batch writes
+        its prompts' slots first and masks every slot after the current one."""
         a, w = model.args, model.head_weight
         shape = (a.n_layers, rows, a.n_kv_heads, slots, a.head_dim)
-        buf = cls(
-            torch.zeros(shape, dtype=w.dtype, device=w.device),
-            torch.zeros(shape, dtype=w.dtype, device=w.device),
-            torch.zeros(rows, slots, dtype=torch.long, device=w.device),
-            torch.zeros(rows, slots, dtype=torch.bool, device=w.device),
-        )
-        if static:  # CUDA graphs replay on fixed addresses
-            for t in (buf.k, buf.v, buf.pos, buf.valid):
-                torch._dynamo.mark_static_address(t)
-        return buf
+        specs = ((shape, w.dtype), (shape, w.dtype), ((rows, slots), torch.long),
+                 ((rows, slots), torch.bool))  # fmt: skip
+        if not static:
+            return cls(*(torch.zeros(s, dtype=d, device=w.device) for s, d in specs))
+        views = []
+        for name, (s, d) in zip(("k", "v", "pos", "valid"), specs, strict=True):
+            numel, key = math.prod(s), (name, d, w.device)
+            if key not in _POOL or _POOL[key].numel() < numel:
+                _POOL.pop(key, None)  # free the smaller one first
+                _POOL[key] = torch.zeros(numel, dtype=d, device=w.device)
+            views.append(_POOL[key][:numel].view(s))
+            torch._dynamo.mark_static_address(views[-1])  # cudagraphs: no copy of this input
+        return cls(*views)
+
+
+_POOL: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}  # static buffers' storage
+
+
+def release_pool() -> None:
+    """Free the pooled static KV buffers (after a generation job)."""
+    _POOL.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class KVCache:
