@@ -28,7 +28,7 @@ from typing import Any
 
 from simpo.svg import PALETTE, Series, bar_chart, line_chart
 
-# file stem, title, [(metric, label, dashed)]: dashed = held-out (sparse, drawn as measured)
+# file stem, title, [(metric, label, dashed)]; eval/ metrics (sparse) are drawn unsmoothed
 CHARTS: tuple[tuple[str, str, tuple[tuple[str, str, bool], ...]], ...] = (
     ("loss", "loss", (("loss", "train", False), ("eval/loss", "held-out", True))),
     ("margins", "reward margin (chosen - rejected)",
@@ -140,7 +140,7 @@ def write_charts(
                 color[name] = (colors or {}).get(run.name) or PALETTE[i % len(PALETTE)]
                 if is_dashed:
                     dashed.add(name)
-                if is_dashed or key in UNSMOOTHED:
+                if key.startswith("eval/") or key in UNSMOOTHED:  # sparse, or a schedule
                     raw.add(name)
         if any(series.values()):  # line_chart leaves the empty series out
             svg = line_chart(
@@ -207,7 +207,9 @@ def eval_section(runs: Sequence[Run], out: Path) -> str:
         return ""
     title = "accuracy by which response is longer"
     if any(groups.values()):
-        (out / "length_accuracy.svg").write_text(bar_chart(groups, title, "accuracy"))
+        (out / "length_accuracy.svg").write_text(
+            bar_chart(groups, title, "accuracy", include=(0, 1))
+        )
     header = ["run", *(label for label, _, _ in LENGTH_COLUMNS)]
     return (
         "## Held-out evaluation (eval.py, SimPO reward β·avg log π)\n\n"

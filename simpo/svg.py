@@ -36,15 +36,20 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _label(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0e}"
+    """A tick label: 3 significant digits, thousands as k / M / G (15000 -> 15k)."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= 10 * scale:
+            return f"{v / scale:.3g}{suffix}"
+    return f"{v:.3g}"
 
 
-def _frame(width: int, height: int, title: str, xlabel: str, ylabel: str) -> list[str]:
-    """The SVG header, background, title and axis labels."""
+def _frame(width: int, height: int, legend: int, title: str, xlabel: str, ylabel: str) -> list[str]:
+    """The SVG header, background, title and axis labels; `legend` pixels below `height`."""
+    total = height + legend
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" {FONT} font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total}" '
+        f'viewBox="0 0 {width} {total}" {FONT} font-size="11">',
+        f'<rect width="{width}" height="{total}" fill="white"/>',
         f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="13" '
         f'font-weight="bold">{escape(title)}</text>',
         f'<text x="{(LEFT + width - RIGHT) / 2}" y="{height - 8}" '
@@ -57,9 +62,9 @@ def _frame(width: int, height: int, title: str, xlabel: str, ylabel: str) -> lis
 
 
 def _y_axis(ys: Sequence[float], width: int, height: int) -> tuple[list[float], list[str]]:
-    """Round y ticks around `ys` (5% padding) and their grid lines and labels."""
+    """Round y ticks covering `ys` and their grid lines and labels."""
     lo, hi = min(ys), max(ys)
-    pad = (hi - lo) * 0.05 or abs(hi) * 0.1 or 1.0
+    pad = 0.0 if hi > lo else abs(hi) * 0.1 or 1.0  # a constant series gets a band around it
     yt = _ticks(lo - pad, hi + pad)
 
     def sy(y: float) -> float:
@@ -73,16 +78,24 @@ def _y_axis(ys: Sequence[float], width: int, height: int) -> tuple[list[float], 
     return yt, out
 
 
-def _legend(entries: Sequence[tuple[str, str, bool]]) -> list[str]:
-    """(name, colour, dashed) entries, top left inside the plot."""
+def _legend(
+    entries: Sequence[tuple[str, str, bool]], width: int, top: float
+) -> tuple[list[str], int]:
+    """(name, colour, dashed) entries in columns below the chart (from y = `top`), so they
+    never hide a line; (SVG lines, height used). A single entry needs no legend."""
+    if len(entries) < 2:
+        return [], 0
+    longest = max(len(name) for name, _, _ in entries)
+    cols = max(1, min(len(entries), int((width - LEFT) // (6.5 * longest + 34))))
+    col_width, rows = (width - LEFT) / cols, -(-len(entries) // cols)
     out = []
     for i, (name, color, dashed) in enumerate(entries):
-        ly = TOP + 14 + 15 * i
+        x, y = LEFT + (i % cols) * col_width, top + 16 * (i // cols) + 8
         dash = ' stroke-dasharray="5 3"' if dashed else ""
-        out.append(f'<line x1="{LEFT + 10}" x2="{LEFT + 28}" y1="{ly - 4}" y2="{ly - 4}" '
+        out.append(f'<line x1="{x:.1f}" x2="{x + 18:.1f}" y1="{y:.1f}" y2="{y:.1f}" '
                    f'stroke="{color}" stroke-width="2"{dash}/>')  # fmt: skip
-        out.append(f'<text x="{LEFT + 33}" y="{ly}">{escape(name)}</text>')
-    return out
+        out.append(f'<text x="{x + 23:.1f}" y="{y + 4:.1f}">{escape(name)}</text>')
+    return out, 16 * rows + 6
 
 
 def line_chart(
@@ -123,7 +136,7 @@ def line_chart(
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         return f'<polyline points="{coords}" fill="none" stroke="{color}" {extra}/>'
 
-    out = _frame(width, height, title, xlabel, ylabel)
+    out = []
     for x in xt:
         out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(y0):.1f}" '
                    f'y2="{sy(y1):.1f}" stroke="#eee"/>')  # fmt: skip
@@ -144,7 +157,8 @@ def line_chart(
             (x, y), = pts  # fmt: skip
             out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>')
         legend.append((name, color, name in dashed))
-    out += _legend(legend)
+    legend_svg, legend_height = _legend(legend, width, height)
+    out = _frame(width, height, legend_height, title, xlabel, ylabel) + out + legend_svg
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -156,23 +170,26 @@ def bar_chart(
     colors: dict[str, str] | None = None,
     width: int = 480,
     height: int = 300,
+    include: Sequence[float] = (0.0,),
 ) -> str:
     """Grouped vertical bars: `groups` maps a group label (x axis) to {bar name: value}; bars
-    of the same name share a colour and a legend entry. The y axis always includes 0."""
+    of the same name share a colour and a legend entry. The y axis covers the values and
+    `include` (e.g. (0, 1) for accuracies)."""
     names = list(dict.fromkeys(n for bars in groups.values() for n in bars))
     values = [v for bars in groups.values() for v in bars.values()]
     if not values:
         raise ValueError(f"chart {title!r}: no bars")
-    yt, y_grid = _y_axis([0.0, *values], width, height)
+    yt, y_grid = _y_axis([*include, *values], width, height)
+    color = {n: (colors or {}).get(n, PALETTE[i % len(PALETTE)]) for i, n in enumerate(names)}
     y0, y1 = yt[0], yt[-1]
 
     def sy(y: float) -> float:
         return height - BOTTOM - (y - y0) / (y1 - y0) * (height - TOP - BOTTOM)
 
-    out = _frame(width, height, title, "", ylabel) + y_grid
+    legend_svg, legend_height = _legend([(n, color[n], False) for n in names], width, height - 20)
+    out = _frame(width, height, legend_height, title, "", ylabel) + y_grid + legend_svg
     slot = (width - LEFT - RIGHT) / len(groups)  # one slot per group
     bar = slot * 0.8 / max(len(names), 1)
-    color = {n: (colors or {}).get(n, PALETTE[i % len(PALETTE)]) for i, n in enumerate(names)}
     for g, (label, bars) in enumerate(groups.items()):
         x = LEFT + g * slot + slot * 0.1
         for i, name in enumerate(names):
@@ -184,6 +201,5 @@ def bar_chart(
                    f'text-anchor="middle">{escape(label)}</text>')  # fmt: skip
     out.append(f'<line x1="{LEFT}" x2="{width - RIGHT}" y1="{sy(0):.1f}" y2="{sy(0):.1f}" '
                f'stroke="#888"/>')  # fmt: skip
-    out += _legend([(n, color[n], False) for n in names])
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from simpo.report import curve, load_run, main, markdown_table, read_jsonl, write_report
-from simpo.svg import _ticks, bar_chart, ema, line_chart
+from simpo.svg import _label, _ticks, bar_chart, ema, line_chart
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -175,3 +175,12 @@ def test_an_incomplete_last_line_is_left_out_with_a_warning(tmp_path, capsys):
         f.write('{"step": 21, "lo')  # killed mid-write
     assert load_run(tmp_path / "run").records == records
     assert "metrics.jsonl:21: incomplete last line left out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "value, label",
+    [(0.5, "0.5"), (5e-7, "5e-07"), (9999.0, "1e+04"), (15000.0, "15k"), (2.5e7, "25M"),
+     (-20000.0, "-20k"), (1.2e10, "12G")],
+)  # fmt: skip
+def test_tick_labels_stay_distinct(value, label):
+    assert _label(value) == label
