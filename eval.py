@@ -293,7 +293,7 @@ def run_eval(
         pairs, report = load_pairs(args.data, tokenizer, cfg, progress=show(args, world))
         pairs = pairs[: args.limit] if args.limit > 0 else pairs
         print0(report.summary())
-        max_tokens = 2 * args.max_length  # fits any pair (DESIGN: a pair <= 2 x max_length)
+        max_tokens = 2 * args.max_length  # fits any pair: a pair has <= 2 x max_length tokens
         sums, counts = score_in_chunks(
             model, pairs, max_tokens, world, show(args, world)
         )  # (P, 2) each

@@ -238,5 +238,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_demo_report(results, out)
     print(summary(results, out), flush=True)
     return results
-
-    main()
