@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trackers import wandb_history
 from train_helpers import ROOT, make_tiny, metrics, run_train, train_argv
+from wandb_reader import wandb_history
 
 import simpo
 from simpo.report import main as report_main
