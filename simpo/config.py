@@ -111,7 +111,9 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate on the held-out split every N steps; 0 = off")
     log_every: int = _f(1, "write metrics every N steps")
     report_to: list[str] = _f(
-        ["jsonl"], "where metrics go: jsonl (metrics.jsonl), wandb, tensorboard", TRACKERS
+        ["jsonl"],
+        "where metrics go: jsonl (metrics.jsonl), wandb, tensorboard; [] = none",
+        TRACKERS,
     )
     export: bool = _f(True, "write an HF-format export to <output_dir>/final at the end")
 

@@ -100,8 +100,9 @@ class TensorBoardSink:
     def __init__(self, out: Path, config_toml: str, resume_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        # purge_step: events at or after it, written by the run that crashed, are dropped
-        purge = None if resume_step is None else resume_step + 1
+        # purge_step: events at or after it in earlier files (a crashed run's last steps, or
+        # a whole earlier run in this directory that never checkpointed) are dropped
+        purge = 1 if resume_step is None else resume_step + 1
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
         if resume_step is None:  # indented: TensorBoard's text tab renders markdown
             self.writer.add_text("config", "    " + config_toml.replace("\n", "\n    "), 0)

@@ -7,6 +7,7 @@ checks the wiring (ids, resume, names, config) everywhere."""
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import json
 import sys
 import types
@@ -179,3 +180,36 @@ def test_tensorboard_scalars_and_resume_purge(tmp_path):
     assert [v for _, v in loss] == pytest.approx([v for _, v in expected])
     assert [e.step for e in events.Scalars("eval/rewards/accuracies")] == [3]
     assert "config" in "".join(events.Tags()["tensors"])  # the resolved config, as text
+
+
+def test_a_fresh_run_hides_the_tensorboard_events_of_an_earlier_one(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(tmp_path, "tensorboard")
+    for offset in (0.0, 10.0):  # a run that died before its first checkpoint, then a new one
+        trackers = open_trackers(cfg, tmp_path, True, None)
+        for r in RECORDS[: 3 if offset else 4]:
+            trackers.write(r | {"loss": r["loss"] + offset})
+        trackers.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in loss] == [1, 2, 3]  # the first run's step 4 is gone too
+    assert [v for _, v in loss] == pytest.approx([10.69, 10.61, 10.55])
+
+
+def test_train_py_stops_before_any_work_when_a_tracker_is_missing(tmp_path, monkeypatch, capsys):
+    from simpo import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as e:
+        cli.run_script("train", [f"--train.output_dir={tmp_path}", "--train.report_to=wandb"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("pip install -e '.[trackers]')")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no data, model or cache written
