@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from simpo.binarize import binarize
 from simpo.data import DataError
 from simpo.generate import release_pool, sample, sample_key
 from simpo.hf import load_model
 from simpo.model import Transformer
+from simpo.progress import progress_bar
 from simpo.readers import Skip, parse_row, read_records
 from simpo.reward import (
     RewardError,
@@ -209,7 +209,7 @@ def kv_slot_budget(model: Transformer, device: torch.device) -> int:
 
 def sample_shard(
     args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer, rows: list[dict],
-    slots: int, bar: tqdm,
+    slots: int, bar: Any,
 ) -> None:  # fmt: skip
     """Add `responses`, `stopped`, `num_tokens` to each row (or a `skipped` reason)."""
     context, todo = model.args.max_position_embeddings, []
@@ -259,7 +259,7 @@ def generate_stage(
     model = load_model(args.policy, model_dtype(args, device), device).eval()
     slots = args.max_batch_slots or kv_slot_budget(model, device)
     total = sum(len(range(s * size, min(n, (s + 1) * size))) for s in mine)
-    bar = tqdm(total=total, desc=f"sampling (rank {rank})", disable=args.quiet or rank != 0)
+    bar = progress_bar(total=total, desc=f"sampling (rank {rank})", disable=args.quiet or rank != 0)
     for s in mine:
         t0 = time.perf_counter()
         rows = [{"index": i, **prompts[i]} for i in range(s * size, min(n, (s + 1) * size))]
@@ -328,7 +328,9 @@ def score_stage(
         rm = load_reward_model(args.reward, model_dtype(args, device), device)
     else:
         fn = load_reward_function(args.reward)
-    bar = tqdm(total=len(mine), desc=f"scoring shards (rank {rank})", disable=args.quiet or rank)
+    bar = progress_bar(
+        total=len(mine), desc=f"scoring shards (rank {rank})", disable=args.quiet or rank != 0
+    )
     for s in mine:
         wait_for(shard_path(out / "generate", s), args, world, "generate")
         t0, rows = time.perf_counter(), read_jsonl(shard_path(out / "generate", s))
