@@ -154,6 +154,7 @@ def onpolicy_section(results: dict[str, Any], correct: Any) -> str:
                           ("its own sampled pairs (on-policy)", ONPOLICY))],
     )  # fmt: skip
     skipped = ", ".join(f"{r.replace('_', ' ')}: {n}" for r, n in summary["skipped"].items())
+    n_skipped = sum(summary["skipped"].values())
     samples = []
     for row in op["examples"]:
         samples.append(f"**{row['prompt']}**\n")
@@ -173,10 +174,10 @@ The SFT model answered {summary["prompts"]} distinct training questions {k} time
 (temperature 0.8, top-p 0.95, the official SimPO decoding settings); the task's checker
 (`simpo.demo.synthetic:reward`, 1 if the final answer is right, else 0) scored every answer:
 {right:.0f}% were right. The highest- and lowest-scored answers of a question became a pair,
-which exists only where its answers disagree: {summary["pairs"]} pairs ({skipped or "no"}
-questions without one). SimPO then trained from the SFT checkpoint on those pairs with the same
-settings as on the given pairs, for {plan["onpolicy_steps"]} steps (more only overfit so few
-pairs). On-policy data is only as plentiful as the policy is sometimes right: a stronger SFT
+which exists only where its answers disagree: {summary["pairs"]} pairs; {n_skipped} questions
+gave none ({skipped or "-"}). SimPO then trained from the SFT checkpoint on those pairs with
+the same settings as on the given pairs, for {plan["onpolicy_steps"]} steps (more only overfit
+so few pairs). On-policy data is only as plentiful as the policy is sometimes right: a stronger SFT
 model, or more samples per question, gives more pairs.
 
 {side}
