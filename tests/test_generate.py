@@ -265,3 +265,23 @@ def test_length_batches_go_longest_first_within_the_limits() -> None:
     for b in batches:
         assert 1 <= len(b) <= max(1, capacity(lengths[b[0]]))
     assert [len(b) for b in batches] == [1, 2, 3, 1]
+
+
+def test_compiled_step_is_compiled_once_for_every_batch_of_a_length_bucket(model) -> None:
+    """Static shapes: batches padded to the same rows and cache length, on pooled buffers,
+    reuse one graph (a CUDA graph recorded once is replayed for all of them)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    prompts = [[5, 6, 7, 8], [3, 4], [9, 9, 9], [1, 2, 3, 4, 5], [7, 7]]
+    keys = _keys(4, prompts, 2)
+    kw = dict(num_samples=2, temperature=1.0, batch_prompts=2)
+    eager = sample(model, prompts, 6, keys=keys, **kw)
+    kw["compile"] = {"backend": counting_backend}
+    assert sample(model, prompts, 6, keys=keys, **kw) == eager  # 3 batches
+    assert sample(model, prompts[::-1], 6, keys=keys[::-1], **kw) == eager[::-1]  # 3 more
+    assert len(graphs) == 1
