@@ -60,6 +60,9 @@ def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[T
     return ids.to(device), valid.to(device)
 
 
+PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward (bounds its activations)
+
+
 def bucket(n: int) -> int:
     """Cache length for compiled decoding: the next power of two >= n, at least 256."""
     return max(256, 1 << (n - 1).bit_length())
@@ -82,9 +85,13 @@ def sample_batch(
     buf = KVBuffers.allocate(model, R, bucket(P + N) if static else P + N, static=static)
     step_fn = step_function(compile)
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, P): 0 at each first real token
-    cache = KVCache.prefill(buf, windows, pos, valid, K)
-    hidden = model.hidden_states(ids, cache=cache, position_ids=pos)[:, -1]  # (B, dim): once
-    logits = head(model, hidden).repeat_interleave(K, 0)  # (R, V)
+    hidden = []  # (B, dim): each prompt once, in chunks of prompts
+    for b in range(0, B, max(1, PREFILL_TOKENS // P)):
+        chunk = slice(b, b + max(1, PREFILL_TOKENS // P))
+        cache = KVCache.prefill(buf, windows, pos[chunk], valid[chunk], K, row0=b * K)
+        h = model.hidden_states(ids[chunk], cache=cache, position_ids=pos[chunk])
+        hidden.append(h[:, -1])
+    logits = head(model, torch.cat(hidden)).repeat_interleave(K, 0)  # (R, V)
     keys, pos = keys.flatten().to(device), pos[:, -1:].repeat_interleave(K, 0) + 1  # (R,), (R, 1)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     out = torch.zeros(R, N, dtype=torch.long, device=device)

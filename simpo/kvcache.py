@@ -74,27 +74,31 @@ class KVCache:
     """One forward's view of `KVBuffers`: each attention layer calls `update` (store this
     forward's keys/values, get the ones to attend to) and `mask` (what the queries see).
 
-    Prefill (`slot` None): B prompts' keys go into B * copies rows; attention runs on the
-    prompts' own keys. Decode: one token per row goes into slot `slot` (a (1,) tensor);
-    attention runs over slots [0, end), or all S slots when `end` is None (static shapes).
+    Prefill (`slot` None): B prompts' keys go into their B * copies rows, starting at row
+    `row0` (a batch is prefilled in chunks of prompts); attention runs on the prompts' own
+    keys. Decode: one token per row goes into slot `slot` (a (1,) tensor); attention runs
+    over slots [0, end), or over all S slots when `end` is None (static shapes).
     """
 
     def __init__(
-        self, buf: KVBuffers, masks: dict[int | None, Tensor], copies: int = 1,
+        self, buf: KVBuffers, masks: dict[int | None, Tensor], copies: int = 1, row0: int = 0,
         slot: Tensor | None = None, end: int | None = None,
     ) -> None:  # fmt: skip
-        self.buf, self.masks, self.copies, self.slot, self.end = buf, masks, copies, slot, end
+        self.buf, self.masks, self.copies, self.row0 = buf, masks, copies, row0
+        self.slot, self.end = slot, end
 
     @classmethod
     def prefill(
-        cls, buf: KVBuffers, windows: set[int | None], pos: Tensor, valid: Tensor, copies: int
-    ) -> KVCache:
-        """Positions and real-token mask (B, T) of B left-padded prompts."""
-        T = pos.shape[1]
-        buf.pos[:, :T] = pos.repeat_interleave(copies, 0)
-        buf.valid[:, :T] = valid.repeat_interleave(copies, 0)
+        cls, buf: KVBuffers, windows: set[int | None], pos: Tensor, valid: Tensor, copies: int,
+        row0: int = 0,
+    ) -> KVCache:  # fmt: skip
+        """Positions and real-token mask (B, T) of B left-padded prompts (rows from row0)."""
+        T, rows = pos.shape[1], slice(row0, row0 + len(pos) * copies)
+        buf.pos[rows, :T] = pos.repeat_interleave(copies, 0)
+        buf.valid[rows, :T] = valid.repeat_interleave(copies, 0)
         doc = torch.where(valid, 0, -1)
-        idx, zero = torch.arange(T, device=pos.device), torch.zeros((), device=pos.device)
+        idx = torch.arange(T, device=pos.device)
+        zero = torch.zeros((), dtype=torch.long, device=pos.device)
         masks = {
             w: allowed(
                 doc[:, :, None], doc[:, None, :], zero, zero, pos[:, :, None], pos[:, None, :],
@@ -102,7 +106,7 @@ class KVCache:
             )[:, None]  # (B, 1, T, T)
             for w in windows
         }  # fmt: skip
-        return cls(buf, masks, copies=copies)
+        return cls(buf, masks, copies=copies, row0=row0)
 
     @classmethod
     def decode(
@@ -125,9 +129,9 @@ class KVCache:
         """Store k, v (rows, Hkv, T, D); return the keys/values to attend to."""
         if self.slot is None:
             B, H, T, D = k.shape
-            S = self.buf.k.shape[3]
-            self.buf.k[layer].view(B, self.copies, H, S, D)[:, :, :, :T] = k[:, None]
-            self.buf.v[layer].view(B, self.copies, H, S, D)[:, :, :, :T] = v[:, None]
+            S, rows = self.buf.k.shape[3], slice(self.row0, self.row0 + B * self.copies)
+            self.buf.k[layer, rows].view(B, self.copies, H, S, D)[:, :, :, :T] = k[:, None]
+            self.buf.v[layer, rows].view(B, self.copies, H, S, D)[:, :, :, :T] = v[:, None]
             return k, v
         self.buf.k[layer].index_copy_(2, self.slot, k)
         self.buf.v[layer].index_copy_(2, self.slot, v)

@@ -285,3 +285,13 @@ def test_compiled_step_is_compiled_once_for_every_batch_of_a_length_bucket(model
     assert sample(model, prompts, 6, keys=keys, **kw) == eager  # 3 batches
     assert sample(model, prompts[::-1], 6, keys=keys[::-1], **kw) == eager[::-1]  # 3 more
     assert len(graphs) == 1
+
+
+def test_prefill_in_chunks_of_prompts_equals_one_prefill(model, monkeypatch) -> None:
+    import simpo.generate
+
+    keys = _keys(8, PROMPTS, 3)
+    kw = dict(num_samples=3, temperature=1.0, keys=keys, batch_prompts=3)
+    whole = sample(model, PROMPTS, NEW, **kw)
+    monkeypatch.setattr(simpo.generate, "PREFILL_TOKENS", 12)  # width 11: a prompt per chunk
+    assert sample(model, PROMPTS, NEW, **kw) == whole
