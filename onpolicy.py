@@ -135,6 +135,8 @@ def read_prompts(path: Path, limit: int) -> tuple[list[dict[str, Any]], int]:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail before any model is loaded, naming what is missing."""
+    if args.samples < 1 or args.max_new_tokens < 1 or args.shard_size < 1:
+        raise OnPolicyError("--samples, --max-new-tokens and --shard-size must be >= 1")
     if args.stage in ("all", "generate"):
         for flag in ("policy", "prompts"):
             if not getattr(args, flag):
@@ -152,10 +154,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         if Path(args.reward).is_dir():
             reward_tokenizer(args.reward, args.reward_template)
         else:
-            sys.path.insert(0, os.getcwd())  # so that a module beside the caller imports
+            if os.getcwd() not in sys.path:  # a module beside the caller imports
+                sys.path.insert(0, os.getcwd())
             load_reward_function(args.reward)
-    if args.samples < 1 or args.max_new_tokens < 1 or args.shard_size < 1:
-        raise OnPolicyError("--samples, --max-new-tokens and --shard-size must be >= 1")
 
 
 def rank_and_device() -> tuple[int, int, torch.device]:
@@ -248,6 +249,7 @@ def generate_stage(
         "samples": args.samples, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         "template": args.template, "shard_size": args.shard_size,
+        "dtype": str(model_dtype(args, device)).removeprefix("torch."),
     }  # fmt: skip
     check_settings(out, "generate", settings)
     size, n = args.shard_size, len(prompts)
