@@ -65,9 +65,12 @@ class Gating(nn.Module):
         self.temperature = temperature
 
     def forward(self, x: Tensor) -> Tensor:
+        """Gate weights (N, n_out) for hidden states x (N, dim), computed in fp32."""
+        x = x.float()
         for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return F.softmax(x / self.temperature, dim=-1) * self.logit_scale[0]  # (N, n_out)
+            x = F.linear(x, layer.weight.float(), layer.bias.float())
+            x = x if i == len(self.layers) - 1 else F.relu(x)
+        return F.softmax(x / self.temperature, dim=-1) * self.logit_scale.float()[0]
 
 
 class RewardModel(nn.Module):
@@ -112,7 +115,7 @@ class RewardModel(nn.Module):
             return F.linear(h_read, self.score.weight.float())[:, 0]
         objectives = F.linear(h_read, self.regression_layer.weight.float())  # (N, 19)
         adjusted = objectives @ self.reward_transform_matrix.float()
-        gate = self.gating.float()(h_gate.float())  # (N, 19)
+        gate = self.gating(h_gate)  # (N, 19)
         return (gate * adjusted).sum(-1)
 
 

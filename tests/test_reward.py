@@ -257,3 +257,14 @@ def test_unusable_reward_models_are_named(tmp_path) -> None:
         load_reward_model(path)
     with pytest.raises(RewardError, match="no config.json"):
         load_reward_model(tmp_path)
+
+
+def test_bf16_backbone_stays_close_to_fp32(tmp_path) -> None:
+    """bf16 weights (as on a GPU) with the heads in fp32: within a few % of the reward spread."""
+    path = make_seq_cls("llama", tmp_path / "rm", pad_token_id=7)
+    groups = groups_of_ids(seed=1)
+    fp32 = torch.tensor([r for g in score_groups(load_reward_model(path), groups) for r in g])
+    bf16 = score_groups(load_reward_model(path, torch.bfloat16), groups)
+    bf16 = torch.tensor([r for g in bf16 for r in g])
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.std(), (bf16, fp32)
+    assert not torch.equal(bf16, fp32)  # it did run in bf16
