@@ -28,14 +28,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from simpo.config import DataConfig, EvalConfig
+from simpo.config import EVAL_PRESETS, DataConfig, EvalConfig
+from simpo.conventions import encode_prompt
 from simpo.data import DataError, load_pairs
 from simpo.dist import Dist, init_distributed, print0, shutdown
 from simpo.generate import generate
 from simpo.model import Transformer
 from simpo.readers import Fields, Skip, detect_format, parse_row, read_records, to_example
 from simpo.scoring import score_pairs
-from simpo.templates import TemplateError, encode_prompt
+from simpo.templates import TemplateError
 from simpo.tokenizer import Tokenizer, TokenizerError
 
 SCORE_CHUNK = 512  # pairs per score_pairs call: the progress bar advances per chunk
@@ -68,11 +69,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=e.gen_batch, help="prompts decoded together")
     p.add_argument("--generator", help="name in model_outputs.json (default: the model's dir)")
     p.add_argument("--template", default=d.template, help="chat template (default: detected)")
+    p.add_argument("--chat-template", default="", help="Jinja chat template file (or text)")
     p.add_argument("--mask", default=d.mask, choices=("official", "trl"))
+    p.add_argument("--truncation-rule", default=d.truncation_rule, choices=("fit", "official"))
+    p.add_argument(
+        "--preset", choices=sorted(EVAL_PRESETS),
+        help="AlpacaEval generation settings of an official SimPO run (temperature, top-p, "
+        "max new tokens); explicit flags win",
+    )  # fmt: skip
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**EVAL_PRESETS[preset])
     return p.parse_args(argv)
 
 
@@ -210,7 +221,9 @@ def generate_outputs(
 
     Batches are dealt to ranks round-robin; batch b samples with seed + b, so the outputs do
     not depend on the number of ranks."""
-    ids = [encode_prompt(p["messages"], tokenizer, args.template) for p in prompts]
+    ids = [
+        encode_prompt(p["messages"], tokenizer, args.template, args.chat_template) for p in prompts
+    ]
     restrict_vocab(model, tokenizer.vocab_size)
     starts = range(0, len(ids), args.gen_batch)
     mine: list[tuple[int, list[int]]] = []
@@ -274,7 +287,8 @@ def evaluate(
     model = load_model(model_dir, args, d)
     if args.data:
         cfg = DataConfig(
-            template=args.template, mask=args.mask, max_length=args.max_length,
+            template=args.template, chat_template=args.chat_template, mask=args.mask,
+            truncation_rule=args.truncation_rule, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, num_workers=1,
         )  # fmt: skip
         pairs, report = load_pairs(args.data, tokenizer, cfg, progress=show(args, d))

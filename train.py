@@ -174,7 +174,7 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
     with sigterm_flag() as stop:  # preemption: finish the step, save a checkpoint, return
         for step in range(start_step, total):
             t0 = time.perf_counter()
-            lr = lr_at(step, total, tc.lr, tc.warmup_ratio, tc.min_lr_ratio)
+            lr = lr_at(step, total, tc.lr, tc.warmup_ratio, tc.min_lr_ratio, tc.warmup_style)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = global_batch(pairs, step, tc.batch_size, tc.seed)  # same on every rank

@@ -50,14 +50,24 @@ class DataConfig:
     chosen_field: str = _f("chosen", "column holding the chosen response")
     rejected_field: str = _f("rejected", "column holding the rejected response")
     template: str = _f(
-        "auto", "chat template", ("auto", "llama3", "gemma", "mistral", "chatml", "qwen2", "zephyr")
+        "auto",
+        "chat template: auto = the checkpoint's own (else its model_type's), or a named one",
+        ("auto", "llama3", "gemma", "mistral", "chatml", "qwen2", "zephyr"),
     )
+    chat_template: str = _f("", "Jinja chat template (a file path or the text); overrides template")
     mask: str = _f(
-        "official", "official: assistant header in |y|; trl: in prompt", ("official", "trl")
+        "official",
+        "tokenisation convention: official SimPO pipeline (header in |y|) or trl (DPOTrainer)",
+        ("official", "trl"),
     )
     max_length: int = _f(2048, "max tokens of prompt + one response")
-    max_prompt_length: int = _f(1800, "max prompt tokens (the response gets what is left)")
+    max_prompt_length: int = _f(1800, "max prompt tokens")
     truncation: str = _f("keep_end", "how to cut a long prompt", ("keep_end", "keep_start"))
+    truncation_rule: str = _f(
+        "fit",
+        "fit: prompt <= max_prompt_length, responses get the rest; official: SimPO's tokenize_row",
+        ("fit", "official"),
+    )
     max_tokens: int = _f(4096, "tokens per packed row (micro-batch budget)")
     packing: str = _f("shared_prompt", "row layout", ("shared_prompt", "plain", "padded"))
     num_workers: int = _f(1, "processes for tokenisation")
@@ -90,6 +100,11 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW β1")
     adam_beta2: float = _f(0.999, "AdamW β2")
     warmup_ratio: float = _f(0.1, "fraction of steps of linear warmup")
+    warmup_style: str = _f(
+        "linear",
+        "linear: lr peak*(step+1)/warmup; hf: peak*step/warmup (HF Trainer: lr 0 at step 1)",
+        ("linear", "hf"),
+    )
     min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio")
     grad_clip: float = _f(1.0, "max global grad norm; 0 = off")
     precision: str = _f(
@@ -103,6 +118,18 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate on the held-out split every N steps; 0 = off")
     log_every: int = _f(1, "write metrics every N steps")
     export: bool = _f(True, "write an HF-format export to <output_dir>/final at the end")
+
+
+# AlpacaEval 2 generation settings of the official SimPO runs (princeton-nlp/SimPO
+# eval/alpacaeval2/configs/*.yaml, decoded with vLLM): eval.py --preset NAME.
+EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    # Llama-3-Instruct-8B-SimPO.yaml and Llama-3-Base-8B-SFT-SimPO.yaml
+    "alpacaeval-llama3": {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": 4096},
+    # Mistral-7B-Base-SFT-SimPO.yaml
+    "alpacaeval-mistral-base": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 2048},
+    # Mistral-7B-Instruct-SimPO.yaml (top_p unset: vLLM's default 1.0)
+    "alpacaeval-mistral-instruct": {"temperature": 0.5, "top_p": 1.0, "max_new_tokens": 2048},
+}
 
 
 @dataclass
