@@ -56,8 +56,8 @@ _COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    prompt_ids: list[int]  # BOS + prompt turns (+ assistant header with mask "trl")
-    chosen_ids: list[int]  # end with EOS / end-of-turn unless truncated
+    prompt_ids: list[int]  # the prompt as the convention tokenises it (simpo/conventions.py)
+    chosen_ids: list[int]  # official: header .. EOS; trl: content .. turn end (unless cut)
     rejected_ids: list[int]
     index: int  # 0-based row in the source file
 

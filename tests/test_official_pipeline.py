@@ -6,8 +6,9 @@ Tokenizers: the real Mistral-7B SentencePiece model converted by transformers to
 tokenizer.json, written both as the Hugging Face Hub ships Mistral's (a legacy "▁" prepend
 normalizer: what the official runs, on transformers 4.x, tokenised with) and as transformers 5
 converts it (a Metaspace pre-tokenizer); and byte-level BPE tokenizer.json files trained here
-(Llama-3 style, and SmolLM2-style chatml whose BOS is <|im_start|> and whose template adds a
-default system prompt). The references read the same files with `PreTrainedTokenizerFast`.
+(Llama-3 style; SmolLM2-style chatml whose BOS is <|im_start|> and whose template adds a
+default system prompt; Qwen2-style chatml without BOS; Gemma-2 with the official run's
+template). The references read the same files with `PreTrainedTokenizerFast`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from sp_helpers import MISTRAL_MODEL, SHARED
 from simpo.config import DataConfig
 from simpo.conventions import encode_prompt
 from simpo.data import TokenizedPair, load_pairs, truncate_pair
-from simpo.templates import CHATML, LLAMA3, MISTRAL, ZEPHYR
+from simpo.templates import CHATML, LLAMA3, MISTRAL, QWEN2, ZEPHYR
 from simpo.tokenizer import Tokenizer
 
 PREFS = SHARED / "alpaca_eval_prefs.jsonl"
 pytestmark = pytest.mark.skipif(not PREFS.is_file(), reason=f"{SHARED} is absent")
 ROOT = Path(__file__).resolve().parents[1]
 MISTRAL_SIMPO = (ROOT / "configs" / "templates" / "mistral-simpo.jinja").read_text()
+GEMMA2_SIMPO = (ROOT / "configs" / "templates" / "gemma2-simpo.jinja").read_text()
 SMOLLM2 = (  # HuggingFaceTB/SmolLM2-135M-Instruct
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
     "'<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -133,6 +135,14 @@ def checkpoints(mistral_backends, rows, tmp_path_factory) -> dict[str, Path]:
     smol = byte_level_bpe(rows, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None)
     out["smollm2"] = hf_dir(
         tmp_path_factory.mktemp("tok"), smol, SMOLLM2, "<|im_start|>", "<|im_end|>", []
+    )
+    # Qwen2: no BOS at all, a default system turn (TRL and generation; the official code
+    # would prepend a None BOS)
+    out["qwen2"] = hf_dir(tmp_path_factory.mktemp("tok"), smol, QWEN2, None, "<|im_end|>", [])
+    gemma = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    gemma = byte_level_bpe(rows, gemma, None)  # the official gemma-2-9b-it-simpo.yaml template
+    out["gemma2"] = hf_dir(
+        tmp_path_factory.mktemp("tok"), gemma, GEMMA2_SIMPO, "<bos>", "<eos>", []
     )
     return out
 
@@ -260,6 +270,7 @@ OFFICIAL_CASES = [
     "mistral-simpo/v5",
     "llama3",
     "smollm2",
+    "gemma2",
 ]
 # max_length / max_prompt_length: the Mistral-Instruct and Mistral-Base recipes, and a short
 # budget that cuts most pairs (both truncation branches of tokenize_row)
@@ -289,7 +300,10 @@ def test_official_convention_equals_the_official_pipeline(checkpoints, prefs, ro
         assert equal == len(rows)
 
 
-TRL_CASES = [*(f"{f}/hub" for f in MISTRAL_FAMILIES), "mistral-simpo/v5", "llama3", "smollm2"]
+TRL_CASES = [
+    *(f"{f}/hub" for f in MISTRAL_FAMILIES),
+    *("mistral-simpo/v5", "llama3", "smollm2", "qwen2", "gemma2"),
+]
 
 
 @pytest.mark.parametrize("name", TRL_CASES)
@@ -307,8 +321,7 @@ def test_trl_convention_equals_trl(checkpoints, prefs, rows, name):
 
 GENERATION_CASES = [
     *(f"{f}/{v}" for f in MISTRAL_FAMILIES for v in ("hub", "v5")),
-    "llama3",
-    "smollm2",
+    *("llama3", "smollm2", "qwen2", "gemma2"),
 ]
 
 
