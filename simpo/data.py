@@ -194,9 +194,9 @@ def _truncate_official(
         prompt = prompt[-max_prompt_length:]
     cut = [False] * len(responses)
     if len(prompt) + longer > max_length:
-        budget = max_length - max_prompt_length
-        cut = [len(r) > budget for r in responses]
-        responses = [r[:budget] for r in responses]
+        keep = max_length - max_prompt_length  # whatever the prompt's length
+        cut = [len(r) > keep for r in responses]
+        responses = [r[:keep] for r in responses]
     return prompt, responses, len(prompt) < n, cut
 
 
