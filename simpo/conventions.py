@@ -53,7 +53,9 @@ def _split_official(
     full = tok.encode_chat(prompt + answer)
     start = len(prompt_ids)
     if start > len(full):
-        raise Skip("boundary_merge", "the prompt has more tokens than prompt + response")
+        raise Skip(  # the official code raises here ("...should have the same length")
+            "boundary_merge", "prompt + response tokenise to fewer tokens than the prompt alone"
+        )
     if prompt_ids != full[:start]:
         start -= 1
     return full[:start], full[start:]

@@ -228,6 +228,8 @@ def _encode(tokenizer: Tokenizer, s: _Settings, record: tuple[int, Any]) -> Resu
             )
         except TemplateError as e:
             raise Skip("template_refused", str(e)) from None
+        if not all(responses):
+            raise Skip("empty_response", "a response has no tokens after the prompt's")
         keep_first = int(bool(prompt) and prompt[0] == tokenizer.bos_id)
         prompt, (chosen, rejected), cut, (cut_c, cut_r) = truncate_pair(
             prompt, responses, s.max_length, s.max_prompt_length, s.truncation, keep_first,

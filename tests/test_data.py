@@ -482,3 +482,12 @@ def test_template_refusals_are_skipped_and_counted(tok, tmp_path):
     rows = ROWS[:2]
     with pytest.raises(DataError, match=r"(?s)template_refused.*no lone turns"):
         load_pairs(write(tmp_path / "d.jsonl", rows), tok, cfg(chat_template=refusing))
+
+
+def test_template_that_drops_the_response_is_skipped(tok, tmp_path):
+    user_only = (
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    c = cfg(chat_template=user_only, mask="trl")
+    with pytest.raises(DataError, match=r"(?s)skipped 2 \(empty_response\).*no tokens after"):
+        load_pairs(write(tmp_path / "d.jsonl", ROWS[:2]), tok, c, progress=False)
