@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from simpo.checkpoint import (
     TrainingError,
@@ -39,20 +38,22 @@ from simpo.fsdp import build_model
 from simpo.hf import save_hf
 from simpo.losses import check_loss_config, get_loss
 from simpo.metrics import (
-    MetricsWriter,
     matmul_params,
     peak_flops,
     peak_mem_gb,
     reduce_scalars,
     train_flops,
 )
+from simpo.model_card import write_model_card
 from simpo.packing import plan_micro_batches
+from simpo.progress import progress_bar
 from simpo.reference import precompute_reference, reference_for
 from simpo.sampler import epoch_of, global_batch, steps_for
 from simpo.schedule import lr_at
 from simpo.scoring import heldout_metrics
 from simpo.step import train_step
 from simpo.tokenizer import Tokenizer, TokenizerError
+from simpo.trackers import check_trackers, open_trackers
 from simpo.world import World, init_world, print0, shutdown, unwrap_norm
 
 BF16_PURE_WARNING = (
@@ -86,6 +87,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
     torch.manual_seed(tc.seed)
     out = Path(tc.output_dir)
     prepare_output_dir(out, tc.resume)  # writable, and no stale checkpoints on a fresh run
+    check_trackers(tc.report_to)  # a missing wandb / tensorboard fails now, not after loading
     ckpt_root = out / "checkpoints"
     latest = latest_checkpoint(ckpt_root) if tc.resume else None
     start_step = check_resumable(latest, cfg) if latest else 0  # before any expensive work
@@ -140,7 +142,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
         print0(f"resumed from {latest} at step {start_step}")
     if world.is_main:
         (out / "config.toml").write_text(to_toml(cfg))
-    writer = MetricsWriter(out / "metrics.jsonl", world.is_main, start_step if latest else None)
+    writer = open_trackers(cfg, out, world.is_main, start_step if latest else None)
     print0(
         f"{spec.name}: {len(pairs)} train / {len(eval_pairs)} eval pairs, {total} steps of "
         f"{tc.batch_size} pairs, {world.world_size} x {world.device.type}, {tc.precision}, "
@@ -148,7 +150,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
     )
 
     n_matmul, peak = matmul_params(model), peak_flops(world.device)
-    bar = tqdm(total=total, initial=start_step, disable=not world.is_main, desc=spec.name)
+    bar = progress_bar(total=total, initial=start_step, disable=not world.is_main, desc=spec.name)
     record: dict[str, float] = {}
     with sigterm_flag() as stop:  # preemption: finish the step, save a checkpoint, return
         for step in range(start_step, total):
@@ -201,17 +203,24 @@ def train(cfg: Config, world: World) -> dict[str, float]:
             if totals["stop"]:
                 path = save_checkpoint(ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints)
                 bar.close()
+                writer.close()
                 print0(f"SIGTERM: saved {path} after step {done}; resume with --train.resume=true")
                 return record | {"interrupted": 1.0}
             if tc.save_every > 0 and done % tc.save_every == 0 and done < total:
                 save_checkpoint(ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints)
     bar.close()
+    writer.close()
 
     if start_step < total or latest_checkpoint(ckpt_root) is None:
         save_checkpoint(ckpt_root, total, model, optimizer, cfg, tc.keep_checkpoints)
     if tc.export:
         dtype = getattr(torch, model.args.dtype, torch.float32)  # the checkpoint's own dtype
         save_hf(model, out / "final", tokenizer_dir=tokenizer_dir, dtype=dtype)
+        if world.is_main:  # final/README.md: what a hub reader needs to trust the weights
+            write_model_card(
+                out / "final", cfg, model_dir=model_dir, data_cfg=data_cfg, reports=reports,
+                steps=total, world_size=world.world_size, metrics=record,
+            )  # fmt: skip
         print0(f"exported {out / 'final'} (Hugging Face format)")
     return record
 
