@@ -31,6 +31,7 @@ from simpo.readers import (
     DataError,
     Fields,
     Skip,
+    check_file,
     detect_format,
     parse_row,
     read_records,
@@ -263,6 +264,7 @@ def load_pairs(
     fields = Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     lengths = (cfg.max_length, cfg.max_prompt_length, cfg.truncation)
     s = _Settings(cfg.format, fields, template, cfg.mask, *lengths)
+    check_file(path)  # before hashing it for the cache key
     cache = _cache_file(cfg, path, tokenizer, s) if cfg.cache_dir else None
     if cache is not None and cache.is_file():
         return _load_cache(cache, path)
