@@ -43,7 +43,7 @@ def _rank() -> int:
 
 def peer_failed(e: BaseException) -> bool:
     """Whether `e` is a collective failing because another rank died (not this rank's fault)."""
-    if isinstance(e, torch.distributed.DistError):
+    if isinstance(e, torch.distributed.DistError | ConnectionError):
         return True
     return isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_GONE)
 
@@ -84,7 +84,14 @@ def run(
         result = main()
     except KeyboardInterrupt:
         return 130
-    except (*usage_errors, *handled, OSError) as e:
+    except Exception as e:
+        ours = isinstance(e, (*usage_errors, *handled))
+        if not ours and peer_failed(e):  # the peer that died says why
+            return 1
+        if not ours and not isinstance(e, OSError):  # a bug: show where
+            traceback.print_exc()
+            _tell_torchrun(f"{type(e).__name__}: {message_of(e)} (traceback above)")
+            return 1
         rank = _rank()
         _close_progress_bars()  # else a bar redrawn at exit would follow the error line
         if rank == 0 or getattr(e, "rank_local", False):
@@ -93,12 +100,6 @@ def run(
             print(message, file=sys.stderr, flush=True)
             _tell_torchrun(message)
         return 2 if isinstance(e, usage_errors) else 1
-    except Exception as e:
-        if peer_failed(e):
-            return 1
-        traceback.print_exc()
-        _tell_torchrun(f"{type(e).__name__}: {message_of(e)} (traceback above)")
-        return 1
     if isinstance(result, dict) and result.get("interrupted"):
         return 143
     return 0

@@ -278,7 +278,9 @@ def _read_holder(path: Path) -> dict[str, Any]:
 def _in_use(name: str, folder: Path, path: Path, holder: dict, age: float | None = None) -> str:
     who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
     since = f", since {holder['since']}" if "since" in holder else ""
-    beat = f", alive {age:.0f} s ago" if age is not None else ""
+    beat = ""
+    if age is not None:  # another host: only its heartbeat tells whether it still runs
+        beat = f", alive {age:.0f} s ago; if it died, retry after {STALE_AFTER_S:.0f} s"
     return (
         f"{name} = '{folder}' is in use by another run ({who}{since}{beat}; lock file {path}): "
         f"wait for it to finish, or choose another {name}"

@@ -169,3 +169,35 @@ def test_eval_rerun_leaves_no_stale_outputs(tiny_eval, tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert names == ["metrics.json", "model_outputs.json"]
     assert "accuracy" not in json.loads((tmp_path / "out" / "metrics.json").read_text())
+
+
+# --- simpo.exits: who prints what --------------------------------------------------------
+
+
+class Usage(ValueError):
+    pass
+
+
+def _raise(e: BaseException):
+    def main():
+        raise e
+
+    return main
+
+
+def test_exit_codes_and_which_rank_prints(capsys, monkeypatch):
+    run = lambda main: (exits.run(main, (Usage,), (OSError,)), capsys.readouterr().err)  # noqa: E731
+    assert run(lambda: {"loss": 1.0}) == (0, "")
+    assert run(lambda: {"interrupted": 1.0}) == (143, "")  # SIGTERM, checkpoint saved
+    assert run(_raise(Usage("bad key"))) == (2, "error: bad key\n")
+    assert run(_raise(FileNotFoundError("x.jsonl: gone"))) == (1, "error: x.jsonl: gone\n")
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    assert run(_raise(gone)) == (1, "")  # a peer died: it says why, not us
+    code, err = run(_raise(KeyError("a bug")))
+    assert code == 1 and "Traceback" in err and "KeyError: 'a bug'" in err
+    monkeypatch.setenv("RANK", "3")
+    assert run(_raise(Usage("bad key"))) == (2, "")  # every rank sees it: rank 0 says it
+    local = RuntimeError("out of memory")
+    local.rank_local = True
+    assert exits.run(_raise(local), (), (RuntimeError,)) == 1
+    assert capsys.readouterr().err == "error: rank 3: out of memory\n"

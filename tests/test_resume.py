@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_helpers import make_tiny, metrics, run_train, train_argv, weights
+from train_helpers import make_tiny, metrics, run_train, train_argv, train_script, weights
 
 from simpo.checkpoint import TrainingError
 from simpo.config import ConfigError
@@ -89,6 +89,30 @@ def test_non_finite_loss_tells_how_to_resume_with_a_lower_lr(tiny, tmp_path):
     save_file(state, bad / "model.safetensors")
     with pytest.raises(TrainingError, match=r"--train.resume_override=train.lr --train.lr="):
         run_train(train_argv(tmp_path / "run", bad, data))
+
+
+def test_out_of_memory_says_max_tokens_may_change_on_resume(tiny, tmp_path, monkeypatch):
+    """A GPU out-of-memory was a traceback with no way on (max_tokens could not change)."""
+    model, data = tiny
+    real, calls = train_script().train_step, []
+
+    def oom_on_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_script(), "train_step", oom_on_step_2)
+    out = tmp_path / "run"
+    argv = train_argv(out, model, data, "--train.save_every=1", "--train.export=false")
+    with pytest.raises(
+        TrainingError, match=r"step 2: out of GPU memory with data.max_tokens = 512"
+    ) as e:
+        run_train(argv)
+    assert e.value.rank_local and "smaller --data.max_tokens" in str(e.value)
+    monkeypatch.undo()
+    run_train([*argv, "--train.resume=true", "--data.max_tokens=256"])
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
 
 def _trap_metadata(step: Path, marker: Path) -> None:
