@@ -57,18 +57,24 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def free_space(path: str | Path) -> str:
-    """'12.3 GiB free on /mnt' for the file system (named by its mount point) holding `path`."""
+def _existing(path: str | Path) -> Path:
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
+    return p
+
+
+def free_space(path: str | Path) -> str:
+    """'12.3 GiB free on /mnt' for the file system (named by its mount point) holding `path`."""
+    p = _existing(path)
     try:
         free = shutil.disk_usage(p).free
     except OSError:
         return "free space unknown"
     while not os.path.ismount(p) and p != p.parent:
         p = p.parent
-    return f"{free / 2**30:.1f} GiB free on {p}"
+    amount = f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
+    return f"{amount} free on {p}"
 
 
 def _likely_cause(path: str | Path) -> str:
@@ -76,21 +82,20 @@ def _likely_cause(path: str | Path) -> str:
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY:
         return f"the file-size limit (ulimit -f) is {limit} bytes"
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
     try:
-        if shutil.disk_usage(p).free < 2**30:
-            return "the disk is (nearly) full"
+        if shutil.disk_usage(_existing(path)).free < 2**30:
+            return "disk full"
     except OSError:
         pass
-    return "a full disk or a quota is the usual cause"
+    return "write failed (a full disk or a quota is the usual cause)"
 
 
 def write_failure(path: str | Path, e: BaseException) -> WriteError:
-    """A one-line WriteError for a failed write of `path` (OSError, or a library's wrapper)."""
+    """A one-line WriteError for a failed write of `path`: the cause, the free space, and the
+    original error when it did not say why (torch's writer: '... unexpected pos 704 vs 598')."""
     code = getattr(e, "errno", None)
     text = " ".join(str(e).split()) or type(e).__name__
+    said = ""
     if code in _DISK_FULL:
         why = _DISK_FULL[code]
     elif any(s in text for s in ("No space left", "StorageFull", "Disk quota")):
@@ -100,8 +105,8 @@ def write_failure(path: str | Path, e: BaseException) -> WriteError:
     elif isinstance(e, OSError) and e.strerror:
         why = e.strerror
     else:
-        why = f"{text[:200]}; {_likely_cause(path)}"
-    return WriteError(f"cannot write {path}: {why} ({free_space(path)})")
+        why, said = _likely_cause(path), f"; the writer said: {text[:200]}"
+    return WriteError(f"cannot write {path}: {why} ({free_space(path)}){said}")
 
 
 @contextmanager
