@@ -5,8 +5,9 @@
   run's lock is simply taken over; the file also names the holder (host, pid, start time) for
   the error message, and a heartbeat thread touches it every 30 s so that on a shared file
   system whose locks do not reach other hosts, a live run elsewhere still blocks (a silent
-  one, > 2 minutes, is taken over). The file is never deleted (deleting a flock'ed file lets
-  two processes hold locks on different inodes); an empty file means "free".
+  one, > 2 minutes, is taken over); on one without locks at all, a holder on this host counts
+  while its pid runs. The file is never deleted (deleting a flock'ed file lets two processes
+  hold locks on different inodes); an empty file means "free".
 - `write_atomic`: whole-file rewrites go to a temporary file that is fsynced and renamed over
   the old one: a crash leaves the old or the new file, never half of one.
 - `append_line` / `restart_jsonl`: JSONL logs are append-only; at a restart an incomplete last
@@ -227,6 +228,21 @@ def _start_time(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the holder named in a lock file (on this host) still runs: its pid exists and
+    started when the file says (a reused pid does not count)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return not holder.get("start") or _start_time(pid) == holder["start"]
+
+
 def _heartbeat(lock: FolderLock) -> None:
     while not lock.stop.wait(HEARTBEAT_S):
         try:
@@ -247,14 +263,15 @@ def hold_folder(folder: str | Path, name: str) -> FolderLock:
     if path in _HELD:
         return _HELD[path]
     f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the run)
+    flocked = True
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        holder = _read_holder(path)
-        f.close()
-        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-            raise WriteError(f"cannot lock {path}: {e.strerror}") from None
-        raise FolderInUseError(_in_use(name, folder, path, holder)) from None
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            holder = _read_holder(path)
+            f.close()
+            raise FolderInUseError(_in_use(name, folder, path, holder)) from None
+        flocked = False  # a file system without locks (ENOLCK, EOPNOTSUPP): the file decides
     holder = _read_holder(path)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
     if holder and holder.get("host") != me["host"]:
@@ -262,6 +279,9 @@ def hold_folder(folder: str | Path, name: str) -> FolderLock:
         if age < STALE_AFTER_S:  # its flock may not reach us (per-host locks on shared storage)
             f.close()
             raise FolderInUseError(_in_use(name, folder, path, holder, age))
+    elif holder and not flocked and _alive(holder):
+        f.close()
+        raise FolderInUseError(_in_use(name, folder, path, holder))
     f.seek(0)
     f.truncate()
     f.write(json.dumps(me | {"since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")

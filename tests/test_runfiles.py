@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -131,3 +132,28 @@ def test_a_holder_on_another_host_counts_until_its_heartbeat_stops(tmp_path):
         assert json.loads(lock.read_text())["host"] == socket.gethostname()
     finally:
         release_folders()
+
+
+def test_without_file_locks_a_live_pid_on_this_host_still_counts(tmp_path, monkeypatch):
+    """Some file systems refuse flock (ENOLCK): the lock file's pid and start time decide."""
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runfiles.fcntl, "flock", no_locks)
+    proc = _holder(tmp_path / "other")  # a live process, to name in the lock file
+    try:
+        live = {
+            "host": socket.gethostname(),
+            "pid": proc.pid,
+            "start": runfiles._start_time(proc.pid),
+        }
+        (tmp_path / ".lock").write_text(json.dumps(live))
+        with pytest.raises(FolderInUseError, match=rf"pid {proc.pid} on host"):
+            hold_folder(tmp_path, "train.output_dir")
+        (tmp_path / ".lock").write_text(json.dumps(live | {"start": "1"}))  # pid reused
+        hold_folder(tmp_path, "train.output_dir")
+    finally:
+        release_folders()
+        proc.kill()
+        proc.wait()
