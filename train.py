@@ -25,15 +25,10 @@ from tqdm import tqdm
 from simpo import exits
 from simpo.checkpoint import (
     TrainingError,
-    check_resumable,
     choose_checkpoint,
-    data_identity,
     export_final,
     latest_checkpoint,
-    out_of_memory,
     prepare_output_dir,
-    resume_changes,
-    resume_state,
     save_checkpoint,
     sigterm_flag,
 )
@@ -53,6 +48,13 @@ from simpo.metrics import (
 )
 from simpo.packing import plan_micro_batches
 from simpo.reference import precompute_reference, reference_for
+from simpo.resume import (
+    check_resumable,
+    data_identity,
+    out_of_memory,
+    resume_changes,
+    resume_state,
+)
 from simpo.runfiles import FolderInUseError, WriteError, release_folders, write_atomic
 from simpo.sampler import epoch_of, global_batch, steps_for
 from simpo.schedule import lr_at
