@@ -5,6 +5,7 @@ that used to fail mid-run now failing at start. Tiny models; train.main runs in-
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -177,3 +178,16 @@ def test_a_crafted_checkpoint_folder_runs_nothing(tiny, tmp_path):
     with pytest.raises(TrainingError, match=r"cannot resume: .*step_1: UnpicklingError.*no older"):
         run_train([*argv, "--train.resume=true"])
     assert not marker_a.exists() and not marker_b.exists()
+
+
+def test_checkpoints_that_are_all_unreadable_stop_the_run(tmp_path):
+    """Not a silent fresh start over them: the run stops and names what it skipped."""
+    from simpo.checkpoint import choose_checkpoint
+
+    for step in (1, 2):
+        (tmp_path / f"step_{step}").mkdir()
+        meta = {"step": step, "config": {}}  # no DCP files: unreadable
+        (tmp_path / f"step_{step}" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TrainingError, match=r"no checkpoint in .* is readable \(step_2, step_1"):
+        choose_checkpoint(tmp_path)
+    assert choose_checkpoint(tmp_path / "none") is None
