@@ -12,7 +12,9 @@ correlation between reward and response length, and accuracy split by which resp
 longer (a length-exploiting model wins the chosen-longer pairs and loses the others).
 Generation (greedy or top-p sampling with a KV cache, the checkpoint's chat template and
 stop tokens) writes AlpacaEval's model_outputs.json. Outputs go to --out: metrics.json,
-scores.jsonl (per pair log-prob sums and token counts) and model_outputs.json.
+scores.jsonl (per pair log-prob sums and token counts) and model_outputs.json; when --model
+is a train.py export, its model card (README.md) gets a row of results per data file
+(--no-card leaves it alone).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from simpo import exits
 from simpo.config import ConfigError, DataConfig, EvalConfig
@@ -34,6 +35,8 @@ from simpo.data import DataError, load_pairs
 from simpo.generate import generate
 from simpo.hf import ModelFileError, load_model
 from simpo.model import Transformer
+from simpo.model_card import add_eval_results
+from simpo.progress import progress_bar
 from simpo.readers import Fields, Skip, detect_format, parse_row, read_records, to_example
 from simpo.runfiles import FolderInUseError, WriteError, hold_folder, release_folders, write_atomic
 from simpo.scoring import score_pairs
@@ -77,6 +80,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-card", action="store_true",
+        help="leave the model card alone (default: add the results to --model's README.md "
+        "when train.py wrote it)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -212,7 +220,7 @@ def score_in_chunks(
     of `pairs` (file order); every rank scores its share of each chunk."""
     sums, counts = [], []
     chunks = range(0, len(pairs), SCORE_CHUNK)
-    for i in tqdm(chunks, desc="scoring", unit="chunk", disable=not bar):
+    for i in progress_bar(chunks, desc="scoring", unit="chunk", disable=not bar):
         chunk = pairs[i : i + SCORE_CHUNK]
         _, s, c = score_pairs(model, chunk, max_tokens, "shared_prompt", world)  # sorted by index
         sums.append(s)
@@ -253,7 +261,7 @@ def generate_outputs(
     restrict_vocab(model, tokenizer.vocab_size)
     starts = range(0, len(ids), args.gen_batch)
     mine: list[tuple[int, list[int]]] = []
-    bar = tqdm(total=len(starts), desc="generating", disable=not show(args, world))
+    bar = progress_bar(total=len(starts), desc="generating", disable=not show(args, world))
     for b, start in enumerate(starts):
         if b % world.world_size == world.rank:
             batch = ids[start : start + args.gen_batch]
@@ -429,7 +437,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shutdown()
     if world.is_main:
         print(format_table(metrics) + f"\nwrote {args.out}/", flush=True)
+        if not args.no_card:
+            update_card(args, metrics)
     return metrics
+
+
+def update_card(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
+    """Add the results to the model card train.py wrote in --model (a row per data file)."""
+    name = Path(args.data or args.prompts).name
+    try:
+        card = add_eval_results(Path(args.model), name, metrics)
+    except OSError as e:  # a read-only checkpoint: the results are in --out all the same
+        print(f"warning: model card of {args.model} not updated: {e}", file=sys.stderr)
+        return
+    if card:
+        print(f"added the results on {name} to {card}", flush=True)
 
 
 # How the script ends (simpo/exits.py): one line per error; these exit 2, those 1.

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from simpo import exits
 from simpo.checkpoint import (
@@ -39,19 +38,21 @@ from simpo.fsdp import build_model
 from simpo.hf import ModelFileError
 from simpo.losses import check_loss_config, get_loss
 from simpo.metrics import (
-    MetricsWriter,
     matmul_params,
     peak_flops,
     peak_mem_gb,
     reduce_scalars,
     train_flops,
 )
+from simpo.model_card import write_model_card
 from simpo.packing import plan_micro_batches
+from simpo.progress import progress_bar
 from simpo.reference import precompute_reference, reference_for
 from simpo.resume import (
     check_resumable,
     data_identity,
     out_of_memory,
+    record_overrides,
     resume_changes,
     resume_state,
 )
@@ -61,6 +62,7 @@ from simpo.schedule import lr_at
 from simpo.scoring import heldout_metrics
 from simpo.step import train_step
 from simpo.tokenizer import Tokenizer, TokenizerError
+from simpo.trackers import check_trackers, open_trackers
 from simpo.world import World, init_world, print0, shutdown, unwrap_norm
 
 BF16_PURE_WARNING = (
@@ -96,6 +98,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
     torch.manual_seed(tc.seed)
     out = Path(tc.output_dir)
     prepare_output_dir(out, tc.resume)  # writable, ours alone, no stale checkpoints if fresh
+    check_trackers(tc.report_to)  # a missing wandb / tensorboard fails now, not after loading
     ckpt_root = out / "checkpoints"
     latest = choose_checkpoint(ckpt_root) if tc.resume else None  # newest readable one
     start_step = check_resumable(latest, cfg) if latest else 0  # before any expensive work
@@ -154,9 +157,9 @@ def train(cfg: Config, world: World) -> dict[str, float]:
         print0(f"resumed from {latest} at step {start_step}")
     if world.is_main:
         write_atomic(out / "config.toml", to_toml(cfg))
-    writer = MetricsWriter(out / "metrics.jsonl", world.is_main, start_step if latest else None)
-    if latest is not None and (changed := resume_changes(latest, cfg, identity)):
-        writer.write({"step": start_step, "event": "resume_override", "changed": changed})
+    writer = open_trackers(cfg, out, world.is_main, start_step if latest else None)
+    if latest is not None:  # keys changed under train.resume_override: said and logged
+        record_overrides(out, cfg, start_step, resume_changes(latest, cfg, identity))
     print0(
         f"{spec.name}: {len(pairs)} train / {len(eval_pairs)} eval pairs, {total} steps of "
         f"{tc.batch_size} pairs, {world.world_size} x {world.device.type}, {tc.precision}, "
@@ -164,7 +167,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
     )
 
     n_matmul, peak = matmul_params(model), peak_flops(world.device)
-    bar = tqdm(total=total, initial=start_step, disable=not world.is_main, desc=spec.name)
+    bar = progress_bar(total=total, initial=start_step, disable=not world.is_main, desc=spec.name)
     record: dict[str, float] = {}
     with sigterm_flag() as stop:  # preemption: finish the step, save a checkpoint, return
         for step in range(start_step, total):
@@ -222,6 +225,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
                     ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints, identity
                 )
                 bar.close()
+                writer.close()
                 print0(f"SIGTERM: saved {path} after step {done}; resume with --train.resume=true")
                 return record | {"interrupted": 1.0}
             if tc.save_every > 0 and done % tc.save_every == 0 and done < total:
@@ -229,12 +233,18 @@ def train(cfg: Config, world: World) -> dict[str, float]:
                     ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints, identity
                 )
     bar.close()
+    writer.close()
 
     if start_step < total or latest_checkpoint(ckpt_root) is None:
         save_checkpoint(ckpt_root, total, model, optimizer, cfg, tc.keep_checkpoints, identity)
     if tc.export:
         dtype = getattr(torch, model.args.dtype, torch.float32)  # the checkpoint's own dtype
         export_final(model, out / "final", tokenizer_dir, dtype)  # complete, or the old one
+        if world.is_main:  # final/README.md: what a hub reader needs to trust the weights
+            write_model_card(
+                out / "final", cfg, model_dir=model_dir, data_cfg=data_cfg, reports=reports,
+                steps=total, world_size=world.world_size, metrics=record,
+            )  # fmt: skip
         print0(f"exported {out / 'final'} (Hugging Face format)")
     return record
 

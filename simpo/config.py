@@ -28,11 +28,16 @@ from simpo.packing import PACKINGS, pair_tokens
 from simpo.readers import FORMATS
 from simpo.reference import REFERENCE_MODES
 from simpo.templates import MASKS, TEMPLATES
+from simpo.trackers import TRACKERS
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
-    """A dataclass field with a default, a one-line help string and optional allowed values."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+    """A dataclass field with a default, a one-line help string and optional allowed values
+    (for a list field: the values each element may take)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):  # mutable: every Config gets its own copy
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -108,6 +113,11 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "keep the newest N checkpoints; 0 = all")
     eval_every: int = _f(0, "evaluate on the held-out split every N steps; 0 = off")
     log_every: int = _f(1, "write metrics every N steps")
+    report_to: list[str] = _f(
+        ["jsonl"],
+        "where metrics go: jsonl (metrics.jsonl), wandb, tensorboard; [] = none",
+        TRACKERS,
+    )
     export: bool = _f(True, "write an HF-format export to <output_dir>/final at the end")
 
 
@@ -158,8 +168,34 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _convert_list(value: Any, key: str, source: str) -> list[str]:
+    """A list of strings from a TOML array, or from a string: `a,b` (the CLI form; also
+    accepted in TOML) or a JSON array `["a", "b"]`. An empty string is the empty list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise ConfigError(
+                    f"{source}: {key}={text!r}: expected a list of strings, e.g. a,b"
+                ) from None
+        else:
+            value = [part.strip() for part in text.split(",")] if text else []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            f"{source}: {key} = {value!r}: expected a list of non-empty strings, e.g. "
+            f'["a", "b"] in TOML or --{key}=a,b on the command line'
+        )
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{source}: {key} = {value!r}: names a value twice")
+    return value
+
+
 def _convert(value: Any, typ: Any, key: str, source: str) -> Any:
     """Convert `value` (from TOML, or a string from the CLI) to `typ`, or raise naming `key`."""
+    if typing.get_origin(typ) is list:  # list[str], the only list type a Config has
+        return _convert_list(value, key, source)
     from_cli = isinstance(value, str) and typ is not str
     if from_cli:
         text = value.strip()
@@ -188,7 +224,7 @@ def _convert(value: Any, typ: Any, key: str, source: str) -> Any:
 
 
 def _tname(typ: Any) -> str:
-    return getattr(typ, "__name__", str(typ))
+    return "list of str" if typing.get_origin(typ) is list else getattr(typ, "__name__", str(typ))
 
 
 def _set(cfg: Config, dotted: str, value: Any, source: str, sources: dict[str, str]) -> None:
@@ -206,8 +242,9 @@ def _set(cfg: Config, dotted: str, value: Any, source: str, sources: dict[str, s
         )
     value = _convert(value, types[key], dotted, source)
     choices = next(f for f in dataclasses.fields(sub) if f.name == key).metadata["choices"]
-    if choices and value not in choices:
-        raise ConfigError(f"{source}: {dotted} = {value!r}: {_suggest(value, list(choices))}")
+    for item in value if isinstance(value, list) else [value]:
+        if choices and item not in choices:
+            raise ConfigError(f"{source}: {dotted} = {value!r}: {_suggest(item, list(choices))}")
     setattr(sub, key, value)
     sources[dotted] = source
 
@@ -353,7 +390,8 @@ def help_text() -> str:
     for sec in dataclasses.fields(Config):
         lines.append(f"[{sec.name}]")
         for f in dataclasses.fields(sec.default_factory):
-            key = f"{sec.name}.{f.name} = {f.default!r}"
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            key = f"{sec.name}.{f.name} = {default!r}"
             lines.append(f"  {key:<44} {f.metadata['help']}")
     return "\n".join(lines)
 
@@ -363,7 +401,7 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    return json.dumps(value) if isinstance(value, str | list) else str(value)
 
 
 def to_toml(cfg: Config) -> str:

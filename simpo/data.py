@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from simpo.progress import progress_bar
 from simpo.readers import (
     FORMATS,
     DataError,
@@ -196,10 +196,10 @@ def _run(
 ) -> Iterator[Result]:
     progress = {"total": len(records), "desc": "tokenising", "unit": "row", "disable": not bar}
     if workers <= 1:
-        yield from tqdm((_encode(tokenizer, s, r) for r in records), **progress)
+        yield from progress_bar((_encode(tokenizer, s, r) for r in records), **progress)
         return
     with multiprocessing.Pool(workers, _init_worker, (tokenizer, s)) as pool:
-        yield from tqdm(pool.imap(_work, records, chunksize=64), **progress)
+        yield from progress_bar(pool.imap(_work, records, chunksize=64), **progress)
 
 
 def _parsed(records: Iterable[tuple[int, Any]]) -> Iterator[dict[str, Any]]:

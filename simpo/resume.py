@@ -11,6 +11,7 @@ fingerprint, so a moved file resumes and a changed one needs the override.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from simpo.checkpoint import (
 )
 from simpo.config import Config, ConfigError, to_dict
 from simpo.readers import check_file
-from simpo.runfiles import file_sha256
+from simpo.runfiles import append_line, file_sha256
 from simpo.safe_dcp import UnreadableCheckpoint
 from simpo.world import print0
 
@@ -37,7 +38,7 @@ FREE_ON_RESUME = {
     "train.compile", "train.keep_checkpoints",
     "data.max_tokens", "data.packing", "data.num_workers", "data.cache_dir", "data.eval",
     "data.train",  # its path may move: its content is checked instead (meta["data"])
-    "model.attention",
+    "model.attention", "train.report_to",
 }  # fmt: skip
 
 
@@ -69,6 +70,18 @@ def resume_changes(
             name = key if key != "tokenizer" else "model.tokenizer"
             changes[name] = [f"{key} {old[:12]}", f"{key} {digest[:12]} (contents changed)"]
     return changes
+
+
+def record_overrides(out: Path, cfg: Config, step: int, changes: dict[str, list[Any]]) -> None:
+    """Say which overridden keys changed and append the event to metrics.jsonl (rank 0; the
+    other trackers take numbers per step, not events)."""
+    if not changes:
+        return
+    print0("resume_override: " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if rank0 and "jsonl" in cfg.train.report_to:
+        event = {"step": step, "event": "resume_override", "changed": changes}
+        append_line(out / "metrics.jsonl", json.dumps(event))
 
 
 def check_resumable(path: Path, cfg: Config, data: dict[str, str] | None = None) -> int:
