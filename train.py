@@ -97,8 +97,8 @@ def train(cfg: Config, world: World) -> dict[str, float]:
         print0(f"warning: {BF16_PURE_WARNING}")
     torch.manual_seed(tc.seed)
     out = Path(tc.output_dir)
-    prepare_output_dir(out, tc.resume)  # writable, ours alone, no stale checkpoints if fresh
     check_trackers(tc.report_to)  # a missing wandb / tensorboard fails now, not after loading
+    prepare_output_dir(out, tc.resume)  # writable, ours alone, no stale checkpoints if fresh
     ckpt_root = out / "checkpoints"
     latest = choose_checkpoint(ckpt_root) if tc.resume else None  # newest readable one
     start_step = check_resumable(latest, cfg) if latest else 0  # before any expensive work

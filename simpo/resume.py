@@ -52,18 +52,24 @@ def overrides(cfg: Config) -> set[str]:
     return {k.strip() for k in cfg.train.resume_override.split(",") if k.strip()}
 
 
+def config_differences(saved: dict[str, Any], cfg: Config) -> dict[str, list[Any]]:
+    """`key: [saved value, now]` for every key outside FREE_ON_RESUME that differs from the
+    checkpointed run's config `saved` (a `to_dict`)."""
+    changes = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key, "<absent>")
+            if f"{section}.{key}" not in FREE_ON_RESUME and old != value:
+                changes[f"{section}.{key}"] = [old, value]
+    return changes
+
+
 def resume_changes(
     path: Path, cfg: Config, data: dict[str, str] | None = None
 ) -> dict[str, list[Any]]:
     """`key: [checkpoint's value, now]` for every difference that needs an override."""
     meta = read_meta(path)
-    saved, now = meta["config"], to_dict(cfg)
-    changes = {}
-    for section, values in now.items():
-        for key, value in values.items():
-            old = saved.get(section, {}).get(key, "<absent>")
-            if f"{section}.{key}" not in FREE_ON_RESUME and old != value:
-                changes[f"{section}.{key}"] = [old, value]
+    changes = config_differences(meta["config"], cfg)
     for key, digest in (data or {}).items():
         old = meta.get("data", {}).get(key)
         if old is not None and old != digest:  # absent: a checkpoint written before this check
