@@ -14,7 +14,7 @@ import difflib
 import json
 import tomllib
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from simpo.conventions import CONVENTIONS
 from simpo.data import TRUNCATION_RULES, TRUNCATIONS
 from simpo.fsdp import PRECISIONS
 from simpo.losses import LOSS_TYPES, LOSSES
-from simpo.packing import PACKINGS
+from simpo.packing import PACKINGS, pair_tokens
 from simpo.readers import FORMATS
 from simpo.reference import REFERENCE_MODES
 from simpo.schedule import WARMUP_STYLES
@@ -127,6 +127,9 @@ class TrainConfig:
     activation_checkpointing: str = _f("auto", "auto = on for CUDA", ("auto", "on", "off"))
     compile: bool = _f(False, "torch.compile each transformer block")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
+    resume_override: str = _f(
+        "", "keys that may differ on resume although they change the math, e.g. train.lr,loss.beta"
+    )
     save_every: int = _f(0, "checkpoint every N steps; 0 = only at the end")
     keep_checkpoints: int = _f(2, "keep the newest N checkpoints; 0 = all")
     eval_every: int = _f(0, "evaluate on the held-out split every N steps; 0 = off")
@@ -362,6 +365,35 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
         )  # fmt: skip
     if cfg.data.eval and cfg.data.eval_fraction:
         fail("data.eval_fraction", cfg.data.eval_fraction, "0 when data.eval is set (not both)")
+    keys = [f"{section}.{key}" for section, values in to_dict(cfg).items() for key in values]
+    for key in (k.strip() for k in cfg.train.resume_override.split(",") if k.strip()):
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else " (see train.py --help)"
+            fail(
+                "train.resume_override",
+                cfg.train.resume_override,
+                f"config keys; {key!r} is not one{hint}",
+            )
+
+
+def check_data_fits(cfg: Config, splits: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    """Every tokenised pair of each (file, pairs) fits one packed row of data.max_tokens
+    tokens; otherwise a ConfigError naming the longest pair's file and line, found at start
+    rather than when that pair is drawn."""
+    budget, packing = cfg.data.max_tokens, cfg.data.packing
+    for path, pairs in splits:
+        need, pair = max(((pair_tokens(p, packing), p) for p in pairs), default=(0, None),
+                         key=lambda t: t[0])  # fmt: skip
+        if need > budget:
+            n = pair.index + 1
+            where = f"{path}:{n}" if ".jsonl" in Path(path).name else f"{path} row {n}"
+            raise ConfigError(
+                f"data.max_tokens = {budget} is too small: the pair at {where} needs {need} "
+                f"tokens with data.packing = {packing!r}; set --data.max_tokens={need} or more "
+                f"(2 x data.max_length = {2 * cfg.data.max_length} fits any pair) or lower "
+                "data.max_length"
+            )
 
 
 def parse_args(argv: list[str]) -> Config:

@@ -39,6 +39,7 @@ from simpo.readers import (
     DataError,
     Fields,
     Skip,
+    check_file,
     detect_format,
     parse_row,
     read_records,
@@ -321,10 +322,14 @@ def load_pairs(
     """Tokenised pairs of a preference file, in file order, and what was skipped / truncated."""
     check_config(cfg)
     path = Path(path)
-    template = get_template(tokenizer, cfg.template, cfg.chat_template)
+    try:
+        template = get_template(tokenizer, cfg.template, cfg.chat_template)
+    except TemplateError as e:
+        raise DataError(str(e)) from None
     fields = Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     lengths = (cfg.max_length, cfg.max_prompt_length, cfg.truncation, cfg.truncation_rule)
     s = _Settings(cfg.format, fields, template, cfg.mask, *lengths)
+    check_file(path)  # before hashing it for the cache key
     cache = _cache_file(cfg, path, tokenizer, s) if cfg.cache_dir else None
     if cache is not None and cache.is_file():
         return _load_cache(cache, path)

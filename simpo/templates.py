@@ -233,8 +233,14 @@ def chat_template_source(directory: Path | None, tokenizer_config: dict[str, Any
     if directory is not None and (directory / "chat_template.jinja").is_file():
         return (directory / "chat_template.jinja").read_text(encoding="utf-8")
     if directory is not None and (directory / "chat_template.json").is_file():
-        data = json.loads((directory / "chat_template.json").read_text(encoding="utf-8"))
-        return data.get("chat_template")
+        path = directory / "chat_template.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TemplateError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("chat_template"), str):
+            raise TemplateError(f'{path}: expected {{"chat_template": "<Jinja>"}}')
+        return data["chat_template"]
     source = tokenizer_config.get("chat_template")
     if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": ..., ...}]
         source = next((t["template"] for t in source if t.get("name") == "default"), None)

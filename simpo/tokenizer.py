@@ -32,6 +32,7 @@ from simpo.templates import (
     END_OF_TURN_MARKERS,
     TEMPLATES,
     TURN_MARKERS,
+    TemplateError,
     chat_template_source,
     fallback_template,
 )
@@ -161,7 +162,15 @@ class _HFTokenizers:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _token_text(value: Any) -> str | None:
@@ -224,7 +233,10 @@ class Tokenizer:
         self.eos_id = self.token_id(eos_token)
         pad = text_of("pad")
         self.pad_id: int = self.eos_id if pad is None else self.token_id(pad)  # never scored
-        self.chat_template = chat_template_source(path if path.is_dir() else None, tok_config)
+        try:
+            self.chat_template = chat_template_source(path if path.is_dir() else None, tok_config)
+        except TemplateError as e:
+            raise TokenizerError(str(e)) from None
         self.model_type: str | None = model_config.get("model_type")
         extra = gen_config.get("eos_token_id", [])
         stops = [self.eos_id, *(extra if isinstance(extra, list) else [extra])]

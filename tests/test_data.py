@@ -491,3 +491,10 @@ def test_template_that_drops_the_response_is_skipped(tok, tmp_path):
     c = cfg(chat_template=user_only, mask="trl")
     with pytest.raises(DataError, match=r"(?s)skipped 2 \(empty_response\).*no tokens after"):
         load_pairs(write(tmp_path / "d.jsonl", ROWS[:2]), tok, c, progress=False)
+
+
+def test_a_missing_chat_template_file_is_a_data_error(tok, tmp_path):
+    """train.py and eval.py print DataErrors as one line, without a traceback."""
+    c = cfg(chat_template=str(tmp_path / "nope.jinja"))
+    with pytest.raises(DataError, match=r"data.chat_template = '.*nope.jinja': no such file"):
+        load_pairs(write(tmp_path / "d.jsonl", ROWS[:1]), tok, c, progress=False)
