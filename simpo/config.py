@@ -14,20 +14,22 @@ import difflib
 import json
 import tomllib
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # The choices below are each defined once, by the module that implements them.
 from simpo.attention import BACKENDS
-from simpo.data import TRUNCATIONS
+from simpo.conventions import CONVENTIONS
+from simpo.data import TRUNCATION_RULES, TRUNCATIONS
 from simpo.fsdp import PRECISIONS
 from simpo.losses import LOSS_TYPES, LOSSES
-from simpo.packing import PACKINGS
+from simpo.packing import PACKINGS, pair_tokens
 from simpo.readers import FORMATS
 from simpo.reference import REFERENCE_MODES
-from simpo.templates import MASKS, TEMPLATES
+from simpo.schedule import WARMUP_STYLES
+from simpo.templates import TEMPLATES
 from simpo.trackers import TRACKERS
 
 
@@ -63,11 +65,25 @@ class DataConfig:
     prompt_field: str = _f("prompt", "column holding the prompt")
     chosen_field: str = _f("chosen", "column holding the chosen response")
     rejected_field: str = _f("rejected", "column holding the rejected response")
-    template: str = _f("auto", "chat template", ("auto", *TEMPLATES))
-    mask: str = _f("official", "official: assistant header in |y|; trl: in prompt", MASKS)
+    template: str = _f(
+        "auto",
+        "chat template: auto = the checkpoint's own (else its model_type's), or a named one",
+        ("auto", *TEMPLATES),
+    )
+    chat_template: str = _f("", "Jinja chat template (a file path or the text); overrides template")
+    mask: str = _f(
+        "official",
+        "tokenisation convention: official SimPO pipeline (header in |y|) or trl (DPOTrainer)",
+        CONVENTIONS,
+    )
     max_length: int = _f(2048, "max tokens of prompt + one response")
-    max_prompt_length: int = _f(1800, "max prompt tokens (the response gets what is left)")
+    max_prompt_length: int = _f(1800, "max prompt tokens")
     truncation: str = _f("keep_end", "how to cut a long prompt", TRUNCATIONS)
+    truncation_rule: str = _f(
+        "fit",
+        "fit: prompt <= max_prompt_length, responses get the rest; official: SimPO's tokenize_row",
+        TRUNCATION_RULES,
+    )
     max_tokens: int = _f(4096, "tokens per packed row (micro-batch budget)")
     packing: str = _f("shared_prompt", "how pairs share packed rows", PACKINGS)
     num_workers: int = _f(1, "processes for tokenisation")
@@ -100,12 +116,20 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW β1")
     adam_beta2: float = _f(0.999, "AdamW β2")
     warmup_ratio: float = _f(0.1, "fraction of steps of linear warmup")
+    warmup_style: str = _f(
+        "linear",
+        "linear: lr peak*(step+1)/warmup; hf: peak*step/warmup (HF Trainer: lr 0 at step 1)",
+        WARMUP_STYLES,
+    )
     min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio")
     grad_clip: float = _f(1.0, "max global grad norm; 0 = off")
     precision: str = _f("bf16-mixed", "bf16-mixed keeps fp32 master weights", PRECISIONS)
     activation_checkpointing: str = _f("auto", "auto = on for CUDA", ("auto", "on", "off"))
     compile: bool = _f(False, "torch.compile each transformer block")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
+    resume_override: str = _f(
+        "", "keys that may differ on resume although they change the math, e.g. train.lr,loss.beta"
+    )
     save_every: int = _f(0, "checkpoint every N steps; 0 = only at the end")
     keep_checkpoints: int = _f(2, "keep the newest N checkpoints; 0 = all")
     eval_every: int = _f(0, "evaluate on the held-out split every N steps; 0 = off")
@@ -116,6 +140,18 @@ class TrainConfig:
         TRACKERS,
     )
     export: bool = _f(True, "write an HF-format export to <output_dir>/final at the end")
+
+
+# AlpacaEval 2 generation settings of the official SimPO runs (princeton-nlp/SimPO
+# eval/alpacaeval2/configs/*.yaml, decoded with vLLM): eval.py --preset NAME.
+EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    # Llama-3-Instruct-8B-SimPO.yaml and Llama-3-Base-8B-SFT-SimPO.yaml
+    "alpacaeval-llama3": {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": 4096},
+    # Mistral-7B-Base-SFT-SimPO.yaml
+    "alpacaeval-mistral-base": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 2048},
+    # Mistral-7B-Instruct-SimPO.yaml (top_p unset: vLLM's default 1.0)
+    "alpacaeval-mistral-instruct": {"temperature": 0.5, "top_p": 1.0, "max_new_tokens": 2048},
+}
 
 
 @dataclass
@@ -329,6 +365,35 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
         )  # fmt: skip
     if cfg.data.eval and cfg.data.eval_fraction:
         fail("data.eval_fraction", cfg.data.eval_fraction, "0 when data.eval is set (not both)")
+    keys = [f"{section}.{key}" for section, values in to_dict(cfg).items() for key in values]
+    for key in (k.strip() for k in cfg.train.resume_override.split(",") if k.strip()):
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else " (see train.py --help)"
+            fail(
+                "train.resume_override",
+                cfg.train.resume_override,
+                f"config keys; {key!r} is not one{hint}",
+            )
+
+
+def check_data_fits(cfg: Config, splits: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    """Every tokenised pair of each (file, pairs) fits one packed row of data.max_tokens
+    tokens; otherwise a ConfigError naming the longest pair's file and line, found at start
+    rather than when that pair is drawn."""
+    budget, packing = cfg.data.max_tokens, cfg.data.packing
+    for path, pairs in splits:
+        need, pair = max(((pair_tokens(p, packing), p) for p in pairs), default=(0, None),
+                         key=lambda t: t[0])  # fmt: skip
+        if need > budget:
+            n = pair.index + 1
+            where = f"{path}:{n}" if ".jsonl" in Path(path).name else f"{path} row {n}"
+            raise ConfigError(
+                f"data.max_tokens = {budget} is too small: the pair at {where} needs {need} "
+                f"tokens with data.packing = {packing!r}; set --data.max_tokens={need} or more "
+                f"(2 x data.max_length = {2 * cfg.data.max_length} fits any pair) or lower "
+                "data.max_length"
+            )
 
 
 def parse_args(argv: list[str]) -> Config:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from wandb_reader import wandb_history
 
-from simpo.checkpoint import config_differences
 from simpo.config import ConfigError, load_config, to_dict
+from simpo.resume import config_differences
 from simpo.trackers import RUN_FILE, check_trackers, open_trackers, tracker_names
 
 RECORDS = [
@@ -74,7 +74,7 @@ def test_missing_package_is_one_line_with_the_install_command(monkeypatch):
 
 def test_report_to_may_change_when_resuming(tmp_path):
     saved = to_dict(config(tmp_path, "jsonl"))
-    assert config_differences(saved, config(tmp_path, "jsonl", "wandb")) == []
+    assert config_differences(saved, config(tmp_path, "jsonl", "wandb")) == {}
 
 
 class FakeRun:
