@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from simpo.binarize import binarize
+from simpo.conventions import encode_prompt
 from simpo.data import DataError
 from simpo.generate import release_pool, sample, sample_key
 from simpo.hf import load_model
@@ -65,7 +66,7 @@ from simpo.shards import (
     write_atomic,
     write_if_changed,
 )
-from simpo.templates import TemplateError, encode_prompt
+from simpo.templates import ChatTemplate, TemplateError, get_template
 from simpo.tokenizer import Tokenizer, TokenizerError
 
 STAGES = ("all", "generate", "score", "binarize")
@@ -88,9 +89,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
-    p.add_argument("--template", default="auto", help="the policy's chat template")
+    p.add_argument("--template", default="auto", help="the policy's chat template (named)")
+    p.add_argument("--chat-template", default="", help="the policy's: a Jinja file (or text)")
     p.add_argument("--tokenizer", help="the policy's tokenizer directory, if not --policy")
-    p.add_argument("--reward-template", default="auto", help="the reward model's template")
+    p.add_argument(
+        "--reward-template", default="auto",
+        help="the reward model's chat template: auto (its own), a name, or a Jinja file",
+    )  # fmt: skip
     p.add_argument("--shard-size", type=int, default=256, help="prompts per output shard")
     p.add_argument("--batch-prompts", type=int, default=32, help="prompts decoded together")
     p.add_argument(
@@ -147,6 +152,7 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise OnPolicyError(f"{policy}: not a HF checkpoint (config.json + safetensors)")
         if not any((tok / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
             raise OnPolicyError(f"{tok}: no tokenizer.model or tokenizer.json (see --tokenizer)")
+        get_template(Tokenizer.from_dir(tok), args.template, args.chat_template)  # or names why
         read_prompts(Path(args.prompts), args.limit)
     if args.stage in ("all", "score"):
         if not args.reward:
@@ -216,7 +222,7 @@ def sample_shard(
     context, todo = model.args.max_position_embeddings, []
     for row in rows:
         messages = [{"role": "user", "content": row["prompt"]}]
-        ids = encode_prompt(messages, tokenizer, args.template)
+        ids = encode_prompt(messages, tokenizer, args.template, args.chat_template)
         if len(ids) + args.max_new_tokens <= context:
             todo.append((row, ids))
             continue
@@ -248,7 +254,8 @@ def generate_stage(
         "num_prompts": len(prompts), "repeated_prompts": repeats, "limit": args.limit,
         "samples": args.samples, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-        "template": args.template, "shard_size": args.shard_size,
+        "template": args.template, "chat_template": args.chat_template,
+        "shard_size": args.shard_size,
         "dtype": str(model_dtype(args, device)).removeprefix("torch."),
     }  # fmt: skip
     check_settings(out, "generate", settings)
@@ -289,7 +296,7 @@ def score_with_function(rows: list[dict], fn: Any, spec: str) -> None:
             row |= {"skipped": "reward_error", "detail": f"{spec}: {e}"}
 
 
-def score_with_model(rows: list[dict], rm: Any, tokenizer: Tokenizer, template: str,
+def score_with_model(rows: list[dict], rm: Any, tokenizer: Tokenizer, chat: ChatTemplate,
                      max_tokens: int) -> None:  # fmt: skip
     """rewards from a reward model, a prompt's responses in one row of a batch."""
     todo, context = [], rm.args.max_position_embeddings
@@ -298,7 +305,7 @@ def score_with_model(rows: list[dict], rm: Any, tokenizer: Tokenizer, template: 
             continue
         messages = [{"role": "user", "content": row["prompt"]}]
         try:
-            group = encode_group(rm, tokenizer, template, messages, row["responses"])
+            group = encode_group(rm, tokenizer, chat, messages, row["responses"])
         except RewardError as e:
             row |= {"skipped": "reward_error", "detail": str(e)}
             continue
@@ -326,7 +333,7 @@ def score_stage(
     if not mine:
         return
     if is_model:
-        tokenizer, template = reward_tokenizer(args.reward, args.reward_template)
+        tokenizer, chat = reward_tokenizer(args.reward, args.reward_template)
         rm = load_reward_model(args.reward, model_dtype(args, device), device)
     else:
         fn = load_reward_function(args.reward)
@@ -340,7 +347,7 @@ def score_stage(
             if "skipped" not in row and len(set(row["responses"])) == 1:
                 row["skipped"] = "identical_responses"
         if is_model:
-            score_with_model(rows, rm, tokenizer, template, args.reward_batch_tokens)
+            score_with_model(rows, rm, tokenizer, chat, args.reward_batch_tokens)
         else:
             score_with_function(rows, fn, args.reward)
         write_atomic(shard_path(out / "score", s), jsonl(rows))

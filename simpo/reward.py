@@ -1,8 +1,8 @@
 """Reward models on the project's Transformer: `*ForSequenceClassification` and ArmoRM.
 
     rm = load_reward_model("Skywork-Reward-Llama-3.1-8B", torch.bfloat16, "cuda")
-    tok, template = reward_tokenizer("Skywork-Reward-Llama-3.1-8B")
-    group = encode_group(rm, tok, template, [{"role": "user", "content": q}], responses)
+    tok, chat = reward_tokenizer("Skywork-Reward-Llama-3.1-8B")
+    group = encode_group(rm, tok, chat, [{"role": "user", "content": q}], responses)
     [scores] = score_groups(rm, [group])             # a reward per response
 
 `*ForSequenceClassification` (Llama, Mistral, Qwen2, Gemma-2 backbones; e.g. Skywork-Reward,
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from simpo.attention import Layout
 from simpo.hf import load_state_into, read_hf_config
 from simpo.model import Backbone, ModelArgs, Transformer
-from simpo.templates import Special, encode_segments, get_template, render_prompt
+from simpo.templates import TEMPLATES, ChatTemplate, TemplateError, get_template, render
 from simpo.tokenizer import Tokenizer
 
 ARMORM = "LlamaForRewardModelWithGating"
@@ -146,9 +146,9 @@ def load_reward_model(
     return model.eval()
 
 
-def reward_tokenizer(path: str | Path, template: str = "auto") -> tuple[Tokenizer, str]:
-    """The reward model's own tokenizer and chat template name, or a RewardError saying what is
-    missing."""
+def reward_tokenizer(path: str | Path, template: str = "auto") -> tuple[Tokenizer, ChatTemplate]:
+    """The reward model's own tokenizer and chat template ("auto": the one it ships; else a
+    named template or a Jinja file), or a RewardError saying what is missing."""
     path = Path(path)
     if not any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         raise RewardError(
@@ -156,30 +156,29 @@ def reward_tokenizer(path: str | Path, template: str = "auto") -> tuple[Tokenize
             "its own chat template, so its tokenizer files must be in its directory"
         )
     tokenizer = Tokenizer.from_dir(path)
-    name = tokenizer.chat_template if template == "auto" else template
-    if name is None:
-        raise RewardError(
-            f"{path}: cannot detect the reward model's chat template (no chat_template in "
-            "tokenizer_config.json); name it with --reward-template"
-        )
-    get_template(name, tokenizer)  # unknown names fail here
-    return tokenizer, name
+    hint = f"name it with --reward-template (one of {sorted(TEMPLATES)}, or a Jinja file)"
+    if template == "auto" and tokenizer.chat_template is None:
+        raise RewardError(f"{path}: the reward model ships no chat template; {hint}")
+    named = template == "auto" or template in TEMPLATES
+    try:
+        chat = get_template(tokenizer, template if named else "auto", "" if named else template)
+    except TemplateError as e:
+        raise RewardError(f"{path}: {e}; {hint}") from None
+    return tokenizer, chat
 
 
 def encode_for_reward(
-    tokenizer: Tokenizer, template: str, prompt: list[dict[str, str]], response: str
+    tokenizer: Tokenizer, chat: ChatTemplate, prompt: list[dict[str, str]], response: str
 ) -> tuple[list[int], int | None]:
-    """Ids of the conversation prompt + response as the reward model's chat template renders
-    it (no generation prompt, no extra EOS), and the index of the prompt's last token (None if
-    the prompt's ids are not a prefix of the conversation's). The one place that knows how a
-    conversation is rendered for a reward model."""
-    tmpl = get_template(template, tokenizer)
-    eos = tokenizer.eos_token
-    turns = render_prompt(tmpl, prompt, eos)
-    head, body = tmpl.turn("assistant", response.strip() if tmpl.strip else response, eos)
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    ids = bos + encode_segments(tokenizer, turns + head + body)
-    prompt_ids = bos + encode_segments(tokenizer, turns)
+    """Ids of the conversation prompt + response exactly as transformers'
+    `apply_chat_template([*prompt, assistant], tokenize=True)` gives them for the reward model
+    (what the official annotation script scores), and the index of the prompt's last token
+    (None if the prompt's ids are not a prefix of the conversation's). The one place that knows
+    how a conversation is rendered for a reward model."""
+    special = tokenizer.special_tokens
+    conversation = [*prompt, {"role": "assistant", "content": response}]
+    ids = tokenizer.encode_chat(render(chat.source, conversation, special))
+    prompt_ids = tokenizer.encode_chat(render(chat.source, prompt, special))
     prefix = ids[: len(prompt_ids)] == prompt_ids
     return ids, len(prompt_ids) - 1 if prefix else None
 
@@ -188,9 +187,7 @@ def gate_index(tokenizer: Tokenizer, ids: list[int]) -> int:
     """ArmoRM's gating token: the last `<|eot_id|>` followed by the assistant header, found as
     its published code finds it (last occurrence of the pattern; it also matches the "\n\n"
     token after the header, which the llama3 template always writes)."""
-    pattern = [tokenizer.token_id("<|eot_id|>")] + encode_segments(
-        tokenizer, [Special("<|start_header_id|>"), "assistant", Special("<|end_header_id|>")]
-    )
+    pattern = tokenizer.encode_chat("<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
     for j in range(len(ids) - len(pattern), -1, -1):
         if ids[j : j + len(pattern)] == pattern:
             return j
@@ -201,11 +198,11 @@ def gate_index(tokenizer: Tokenizer, ids: list[int]) -> int:
 
 
 def encode_group(
-    rm: RewardModel, tokenizer: Tokenizer, template: str, prompt: list[dict[str, str]],
+    rm: RewardModel, tokenizer: Tokenizer, chat: ChatTemplate, prompt: list[dict[str, str]],
     responses: list[str],
 ) -> list[tuple[list[int], int]]:  # fmt: skip
     """(ids, gate index) of each response's conversation (gate 0 unless ArmoRM)."""
-    seqs = [encode_for_reward(tokenizer, template, prompt, r)[0] for r in responses]
+    seqs = [encode_for_reward(tokenizer, chat, prompt, r)[0] for r in responses]
     if rm.architecture != ARMORM:
         return [(ids, 0) for ids in seqs]
     return [(ids, gate_index(tokenizer, ids)) for ids in seqs]

@@ -19,6 +19,7 @@ import pytest
 
 from simpo.binarize import binarize
 from simpo.config import DataConfig
+from simpo.conventions import encode_prompt
 from simpo.data import load_pairs
 from simpo.demo.synthetic import final_answer, reward, solve, synthetic_rows, write_synthetic_prefs
 from simpo.demo.tiny import build_tiny_model_dir, texts_from_file
@@ -30,7 +31,7 @@ from simpo.reward import (
     score_groups,
 )
 from simpo.shards import ShardError
-from simpo.templates import encode_prompt
+from simpo.templates import get_template
 from simpo.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,11 +282,10 @@ def test_scoring_with_a_reward_model(policy, finished, tmp_path) -> None:
 
     out, _ = finished
     tokenizer = Tokenizer.from_dir(policy[0])
+    chat = get_template(tokenizer)  # its own, which the reward model gets with its tokenizer
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     lengths = sorted(
-        len(
-            encode_for_reward(tokenizer, "chatml", [{"role": "user", "content": s["prompt"]}], r)[0]
-        )
+        len(encode_for_reward(tokenizer, chat, [{"role": "user", "content": s["prompt"]}], r)[0])
         for s in samples
         for r in s["responses"]
     )
@@ -307,7 +307,7 @@ def test_scoring_with_a_reward_model(policy, finished, tmp_path) -> None:
         if "rewards" in row:
             messages = [{"role": "user", "content": row["prompt"]}]
             for response, got in zip(row["responses"], row["rewards"], strict=True):
-                group = encode_group(rm, tokenizer, "chatml", messages, [response])
+                group = encode_group(rm, tokenizer, chat, messages, [response])
                 assert abs(score_groups(rm, [group])[0][0] - got) < 1e-5
 
 

@@ -27,6 +27,7 @@ from simpo.reward import (
     reward_tokenizer,
     score_groups,
 )
+from simpo.templates import get_template
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 512
@@ -174,12 +175,12 @@ def armorm(tmp_path_factory) -> tuple[Path, RefArmoRM]:
 def test_armorm_equals_its_published_modeling_code(armorm) -> None:
     path, ref = armorm
     rm = load_reward_model(path)
-    tok, _ = reward_tokenizer(path, "llama3")
+    tok, chat = reward_tokenizer(path, "llama3")
     prompts = ["Write a short poem about cats.", "Why is rain good?", "Hello."]
     answers = [["The cat is good.", "Cats and dogs.", "A poem about rain, please"], ["Because."]]
     answers += [["Hello world", "Hello world"]]  # identical answers are scored alike
     groups = [
-        encode_group(rm, tok, "llama3", [{"role": "user", "content": p}], a)
+        encode_group(rm, tok, chat, [{"role": "user", "content": p}], a)
         for p, a in zip(prompts, answers, strict=True)
     ]
     pattern = [tok.token_id(t) for t in ("<|eot_id|>", "<|start_header_id|>")]
@@ -199,14 +200,14 @@ def test_armorm_reads_before_the_first_pad_token(armorm, tmp_path) -> None:
     """ArmoRM's code reads the token before the FIRST pad token: with pad = <|eot_id|>, that is
     the end of the user's message. Reproduced as written."""
     path, ref = armorm
-    tok, _ = reward_tokenizer(path, "llama3")
+    tok, chat = reward_tokenizer(path, "llama3")
     eot = tok.token_id("<|eot_id|>")
     config = json.loads((path / "config.json").read_text()) | {"pad_token_id": eot}
     for f in ("model.safetensors", "tokenizer.model", "tokenizer_config.json"):
         (tmp_path / f).write_bytes((path / f).read_bytes())
     (tmp_path / "config.json").write_text(json.dumps(config))
     rm = load_reward_model(tmp_path)
-    group = encode_group(rm, tok, "llama3", [{"role": "user", "content": "Hi."}], ["Yes."])
+    group = encode_group(rm, tok, chat, [{"role": "user", "content": "Hi."}], ["Yes."])
     ids = group[0][0]
     assert rm.read_index(ids) == ids.index(eot) - 1
     ref.config.pad_token_id = eot
@@ -219,18 +220,20 @@ def test_armorm_reads_before_the_first_pad_token(armorm, tmp_path) -> None:
 def test_conversation_is_rendered_in_the_reward_models_template(tmp_path) -> None:
     tok = train_tokenizer(tmp_path)
     prompt = [{"role": "user", "content": " Why is rain good? "}]
-    ids, last = encode_for_reward(tok, "llama3", prompt, " Because. ")
+    ids, last = encode_for_reward(tok, get_template(tok, "llama3"), prompt, " Because. ")
     text = tok.decode(ids)
     assert text == (
         "<s><|start_header_id|>user<|end_header_id|>\n\nWhy is rain good?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nBecause.<|eot_id|>"
     )  # the official Llama-3 Jinja output for [user, assistant], BOS first, nothing appended
     assert ids[last] == tok.token_id("<|eot_id|>") and gate_index(tok, ids) == last
-    ids, _ = encode_for_reward(tok, "chatml", prompt, "Because.")
-    assert tok.decode(ids) == (
+    ids, _ = encode_for_reward(tok, get_template(tok), prompt, "Because.")  # its own: chatml
+    assert tok.decode(ids) == (  # with the BOS its template writes
         "<s><|im_start|>user\n Why is rain good? <|im_end|>\n<|im_start|>assistant\nBecause."
         "<|im_end|>\n"
     )
+    ids, _ = encode_for_reward(tok, get_template(tok, "chatml"), prompt, "Because.")
+    assert tok.decode(ids).startswith("<|im_start|>user")  # the named chatml writes none
 
 
 def test_unusable_reward_models_are_named(tmp_path) -> None:
@@ -238,15 +241,20 @@ def test_unusable_reward_models_are_named(tmp_path) -> None:
     with pytest.raises(RewardError, match="no tokenizer.model or tokenizer.json"):
         reward_tokenizer(path)
     train_tokenizer(path)
-    assert reward_tokenizer(path)[1] == "chatml"  # the template in its tokenizer_config.json
+    assert "<|im_start|>" in reward_tokenizer(path)[1].source  # its tokenizer_config.json's
     bare = tmp_path / "bare"  # no chat template, no config.json to guess one from
     train_tokenizer(bare)
     (bare / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
     )
-    with pytest.raises(RewardError, match="--reward-template"):
+    with pytest.raises(RewardError, match="ships no chat template; name it with --reward-template"):
         reward_tokenizer(bare)
-    assert reward_tokenizer(bare, "llama3")[1] == "llama3"
+    assert reward_tokenizer(bare, "llama3")[1].name == "llama3"
+    jinja = tmp_path / "rm.jinja"
+    jinja.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert reward_tokenizer(bare, str(jinja))[1].name == "rm.jinja"
+    with pytest.raises(RewardError, match="no such file"):
+        reward_tokenizer(bare, "no-such-template")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(config | {"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(RewardError, match="PairRM"):
