@@ -63,7 +63,7 @@ def test_on_policy_round_samples_scores_and_trains(quick):
 
     out, results = quick
     summary = results["onpolicy"]["summary"]
-    assert summary["pairs"] >= 50, summary
+    assert summary["pairs"] >= 10 and results["onpolicy"]["trainable_pairs"] >= 1, summary
     assert summary["pairs"] + sum(summary["skipped"].values()) == summary["prompts"]
     for line in (out / "onpolicy" / "pairs.jsonl").read_text().splitlines():
         pair = json.loads(line)
@@ -75,3 +75,20 @@ def test_on_policy_round_samples_scores_and_trains(quick):
     report = (out / "report.md").read_text()
     assert "## On-policy round" in report and "| its own sampled pairs (on-policy) |" in report
     assert report.count("(chosen)") == sum("chosen" in e for e in results["onpolicy"]["examples"])
+
+
+def test_on_policy_section_without_usable_pairs():
+    """A policy that is never right gives no pair: the report says SimPO on-policy did not run."""
+    from simpo.demo.report import onpolicy_section
+
+    summary = {"prompts": 3, "pairs": 0, "skipped": {"reward_tie": 3}}
+    row = {"prompt": "What is 1 + 1?", "responses": ["3", ""], "rewards": [0.0, 0.0]}
+    results = {
+        "plan": {"onpolicy_samples": 2, "onpolicy_steps": 10},
+        "metrics": {"SFT": {}, "SimPO": {}},
+        "onpolicy": {"summary": summary, "examples": [row | {"skipped": "reward_tie"}],
+                     "samples_right": 0.0, "trainable_pairs": 0},
+    }  # fmt: skip
+    text = onpolicy_section(results, correct=lambda name: 0.0)
+    assert "SimPO on-policy did not run" in text and "0 pairs" in text.replace("\n", " ")
+    assert "- reward 0: (empty)" in text and "- no pair: reward tie" in text

@@ -147,14 +147,22 @@ def onpolicy_section(results: dict[str, Any], correct: Any) -> str:
     checker's rewards."""
     plan, m, op = results["plan"], results["metrics"], results["onpolicy"]
     summary, k = op["summary"], plan["onpolicy_samples"]
-    side = markdown_table(
-        ["SimPO trained on", "held-out accuracy", "answers correct", "answer length (tokens)"],
-        [[label, _pct(m[n]["accuracy"]), _pct(correct(n)), f"{m[n]['gen_mean_tokens']:.1f}"]
-         for label, n in (("the given pairs (off-policy)", "SimPO"),
-                          ("its own sampled pairs (on-policy)", ONPOLICY))],
-    )  # fmt: skip
     skipped = ", ".join(f"{r.replace('_', ' ')}: {n}" for r, n in summary["skipped"].items())
-    n_skipped = sum(summary["skipped"].values())
+    n_skipped, usable = sum(summary["skipped"].values()), op["trainable_pairs"]
+    if ONPOLICY in m:
+        side = markdown_table(
+            ["SimPO trained on", "held-out accuracy", "answers correct", "answer length (tokens)"],
+            [[label, _pct(m[n]["accuracy"]), _pct(correct(n)), f"{m[n]['gen_mean_tokens']:.1f}"]
+             for label, n in (("the given pairs (off-policy)", "SimPO"),
+                              ("its own sampled pairs (on-policy)", ONPOLICY))],
+        )  # fmt: skip
+        trained = (
+            f"SimPO then trained from the SFT checkpoint on the {usable} pairs train.py can use "
+            "(it skips a pair with an empty answer) with the same settings as on the given "
+            f"pairs, for {plan['onpolicy_steps']} steps (more only overfit so few pairs):"
+        )
+    else:
+        side, trained = "", "No pair was usable for training, so SimPO on-policy did not run."
     samples = []
     for row in op["examples"]:
         samples.append(f"**{row['prompt']}**\n")
@@ -166,21 +174,20 @@ def onpolicy_section(results: dict[str, Any], correct: Any) -> str:
         if row.get("skipped"):
             samples.append(f"- no pair: {row['skipped'].replace('_', ' ')}")
         samples.append("")
-    right = 100 * op["samples_right"]
     return f"""
 ## On-policy round (`onpolicy.py`)
 
 The SFT model answered {summary["prompts"]} distinct training questions {k} times each
 (temperature 0.8, top-p 0.95, the official SimPO decoding settings); the task's checker
 (`simpo.demo.synthetic:reward`, 1 if the final answer is right, else 0) scored every answer:
-{right:.0f}% were right. The highest- and lowest-scored answers of a question became a pair,
-which exists only where its answers disagree: {summary["pairs"]} pairs; {n_skipped} questions
-gave none ({skipped or "-"}). SimPO then trained from the SFT checkpoint on those pairs with
-the same settings as on the given pairs, for {plan["onpolicy_steps"]} steps (more only overfit
-so few pairs). On-policy data is only as plentiful as the policy is sometimes right: a stronger SFT
-model, or more samples per question, gives more pairs.
+{100 * op["samples_right"]:.0f}% were right. The highest- and lowest-scored answers of a
+question became a pair, which exists only where its answers disagree: {summary["pairs"]}
+pairs; {n_skipped} questions gave none ({skipped or "-"}). {trained}
 
 {side}
+On-policy data is only as plentiful, and only as informative, as the policy is sometimes
+right: a stronger SFT model, or more samples per question, gives more pairs.
+
 Sampled answers and their rewards (the first questions):
 
 {chr(10).join(samples)}"""

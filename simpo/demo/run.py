@@ -36,9 +36,12 @@ from typing import Any
 
 import torch
 
+from simpo.config import load_config
+from simpo.data import load_pairs
 from simpo.demo.report import write_demo_report
 from simpo.demo.synthetic import final_answer, write_synthetic_prefs
 from simpo.demo.tiny import build_tiny_model_dir, texts_from_file
+from simpo.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, eval.py, configs/
 CONFIG = ROOT / "configs" / "tiny-cpu.toml"
@@ -85,10 +88,9 @@ class Plan:
 FULL = Plan()
 QUICK = dataclasses.replace(
     FULL, train_pairs=2000, sft_steps=50, steps=250, eval_every=125, gen_prompts=16,
-    onpolicy_prompts=600, onpolicy_steps=100,
+    onpolicy_steps=100,
 )  # fmt: skip
 ONPOLICY = "SimPO on-policy"
-MODELS = ("SFT", "SimPO", "DPO", ONPOLICY)
 RUNS = {"SFT": "sft", "SimPO": "simpo", "DPO": "dpo", ONPOLICY: "simpo_onpolicy"}
 
 
@@ -159,6 +161,14 @@ def answers(out: Path, name: str, truth: dict[str, str]) -> list[dict]:
     ]  # fmt: skip
 
 
+def trainable_pairs(pairs: Path, tokenizer_dir: Path) -> int:
+    """How many of `pairs` train.py will use with the demo's data settings (its loader skips,
+    e.g., a pair whose rejected answer is empty)."""
+    cfg = load_config(CONFIG).data
+    loaded, _ = load_pairs(pairs, Tokenizer.from_dir(tokenizer_dir), cfg, progress=False)
+    return len(loaded)
+
+
 def onpolicy_stage(out: Path, policy: Path, plan: Plan, seed: int) -> dict[str, Any]:
     """onpolicy.py: `policy` answers the training questions, the checker scores the answers;
     its summary, plus the first sampled questions with their answers and rewards."""
@@ -216,21 +226,26 @@ def run(out: Path, plan: Plan, seed: int) -> dict[str, Any]:
     lap("DPO")
     onpolicy = onpolicy_stage(out, sft, plan, seed)
     lap("on-policy samples")
-    simpo_op = train_stage(
-        out, "simpo_onpolicy", sft, plan, seed,
-        [*common, "--loss.name=simpo", f"--loss.beta={plan.simpo_beta}",
-         f"--loss.gamma_beta_ratio={plan.gamma_beta_ratio}",
-         f"--train.max_steps={plan.onpolicy_steps}",  # later overrides win
-         f"--train.eval_every={plan.onpolicy_steps // 3}"],
-        train=out / "onpolicy" / "pairs.jsonl",
-    )  # fmt: skip
-    lap("SimPO on-policy")
+    pairs = out / "onpolicy" / "pairs.jsonl"
+    onpolicy["trainable_pairs"] = usable = trainable_pairs(pairs, sft)
+    if usable:  # a weak SFT model may be right too rarely to give any
+        simpo_op = train_stage(
+            out, "simpo_onpolicy", sft, plan, seed,
+            [*common, "--loss.name=simpo", f"--loss.beta={plan.simpo_beta}",
+             f"--loss.gamma_beta_ratio={plan.gamma_beta_ratio}",
+             f"--train.max_steps={plan.onpolicy_steps}",  # later overrides win
+             f"--train.eval_every={plan.onpolicy_steps // 3}",
+             f"--train.batch_size={min(plan.batch_size, usable)}"],
+            train=pairs,
+        )  # fmt: skip
+        lap("SimPO on-policy")
     metrics = {
         "SFT": eval_stage(out, "SFT", sft, plan, None),
         "SimPO": eval_stage(out, "SimPO", simpo, plan, sft),
         "DPO": eval_stage(out, "DPO", dpo, plan, sft),
-        ONPOLICY: eval_stage(out, ONPOLICY, simpo_op, plan, sft),
     }
+    if usable:
+        metrics[ONPOLICY] = eval_stage(out, ONPOLICY, simpo_op, plan, sft)
     lap("eval")
     rows = [json.loads(line) for line in heldout.read_text().splitlines()]
     truth = {r["prompt"]: final_answer(r["chosen"][-1]["content"]) for r in rows}
@@ -240,9 +255,9 @@ def run(out: Path, plan: Plan, seed: int) -> dict[str, Any]:
         "plan": dataclasses.asdict(plan),
         "wall_s": wall,
         "metrics": metrics,
-        "by_task": {m: per_task(out, m, rows) for m in MODELS},
-        "answers": {m: answers(out, m, truth) for m in MODELS},
-        "runs": RUNS,
+        "by_task": {m: per_task(out, m, rows) for m in metrics},
+        "answers": {m: answers(out, m, truth) for m in metrics},
+        "runs": {m: RUNS[m] for m in metrics},
         "onpolicy": onpolicy,
     }
 
@@ -259,7 +274,7 @@ def summary(results: dict[str, Any], out: Path) -> str:
         f"{'':16}{'accuracy':>10}{'chosen-':>10}{'rejected-':>11}{'answers':>10}{'answer':>9}",
         f"{'':16}{'(SimPO rw)':>10}{'longer':>10}{'longer':>11}{'correct':>10}{'tokens':>9}",
     ]
-    for name in MODELS:
+    for name in m:
         r, a = m[name], ans[name]
         correct = sum(x["correct"] for x in a) / max(len(a), 1)
         lines.append(
