@@ -33,7 +33,7 @@ META = "meta.json"
 RESUMABLE_KEYS = {
     "train.output_dir", "train.resume", "train.save_every", "train.eval_every",
     "train.log_every", "train.export", "train.activation_checkpointing", "train.compile",
-    "train.keep_checkpoints",
+    "train.keep_checkpoints", "train.grad_sync",
     "data.num_workers", "data.cache_dir", "model.attention",
 }  # fmt: skip
 

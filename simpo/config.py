@@ -22,7 +22,7 @@ from typing import Any
 # The choices below are each defined once, by the module that implements them.
 from simpo.attention import BACKENDS
 from simpo.data import TRUNCATIONS
-from simpo.fsdp import PRECISIONS
+from simpo.fsdp import GRAD_SYNCS, PRECISIONS
 from simpo.losses import LOSS_TYPES, LOSSES
 from simpo.packing import PACKINGS
 from simpo.readers import FORMATS
@@ -99,6 +99,12 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max global grad norm; 0 = off")
     precision: str = _f("bf16-mixed", "bf16-mixed keeps fp32 master weights", PRECISIONS)
     activation_checkpointing: str = _f("auto", "auto = on for CUDA", ("auto", "on", "off"))
+    grad_sync: str = _f(
+        "last",
+        "reduce-scatter grads after the last micro-batch of a step (each rank holds unsharded "
+        "fp32 grads until then) or after every one (ZeRO-3 memory, more traffic)",
+        GRAD_SYNCS,
+    )
     compile: bool = _f(False, "torch.compile each transformer block")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
     save_every: int = _f(0, "checkpoint every N steps; 0 = only at the end")
