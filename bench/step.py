@@ -66,7 +66,7 @@ VOCAB = 32000  # the Mistral tokenizer's
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small model, few steps (make bench)")
+    p.add_argument("--quick", action="store_true", help="small model, 5 timed steps (make bench)")
     p.add_argument("--pairs-per-step", type=int, default=8)
     p.add_argument("--repeats", type=int, default=4, help="timed steps per variant")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per micro-batch row")
@@ -74,14 +74,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--threads", type=int, default=1,
+        help="intra-op threads (1: on a shared 2-core box two OpenMP threads spin-wait on each "
+        "other at random, which swings both wall and CPU time)",
+    )  # fmt: skip
+    p.add_argument(
         "--activation-checkpointing", action="store_true",
         help="recompute each block in backward (train.py's default on CUDA; off on CPU)",
     )  # fmt: skip
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
-        args.pairs_per_step, args.repeats, args.dim, args.layers = 2, 2, 128, 2
+        args.pairs_per_step, args.repeats, args.dim, args.layers = 2, 5, 128, 2
     return args
 
 
@@ -202,7 +208,8 @@ def report(
     print("\n" + table(headers, rows))
     tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in steps[0])
     print(
-        f"\nmodel dim {args.dim} x {args.layers} layers, vocab {VOCAB}, fp32; "
+        f"\nmodel dim {args.dim} x {args.layers} layers, vocab {VOCAB}, fp32, {args.threads} "
+        f"thread(s), activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
         f"{args.pairs_per_step} pairs (~{tokens} tokens) per step, {args.repeats} timed steps; "
         f"DPO-precompute scored {sum(map(len, steps))} pairs in {precompute_s:.1f} s before "
         f"training; first losses {', '.join(f'{v} {losses[v][0]:.4f}' for v in VARIANTS)}"
