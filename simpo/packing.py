@@ -1,6 +1,6 @@
 """Pack tokenised preference pairs into batches for one forward pass each.
 
-Layouts (DESIGN.md section 2); `T` is the row length, `j` the pair's number in its batch:
+Layouts (docs/design.md §5); `T` is the row length, `j` the pair's number in its batch:
 - `shared_prompt` (default): `[prompt | chosen | rejected]` per pair, many pairs per row. The
   prompt is stored once: branch 0/1/2, chosen positions continue from the prompt and rejected
   positions restart at len(prompt), so attention (a small tree per pair, see `Layout`) sees
