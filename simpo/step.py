@@ -50,19 +50,21 @@ def train_step(
         raise ValueError(f"grad_sync must be one of {GRAD_SYNCS}, got {grad_sync!r}")
     on_device = [mb.to(world.device) for mb in micro_batches]  # queued, host not blocked
     sums: dict[str, Tensor | int] = {"tokens": 0, "ctx": 0}
-    for i, mb in enumerate(on_device):
-        set_grad_sync(model, grad_sync == "every" or i == len(on_device) - 1)
-        policy_sum, policy_count = model(mb.input_ids, mb.layout, mb.score)  # (2P,) each
-        ref_sum, ref_count = reference(mb) if reference is not None else (None, None)
-        losses, metrics = compute_loss(
-            loss_cfg, policy_sum, policy_count, ref_sum, ref_count, check_counts=False
-        )  # the packer guarantees every response a scored token: no host sync to check it
-        (losses.sum() * world.world_size / batch_size).backward()  # losses: (P,) per pair
-        for key, value in {"loss": losses.detach(), **metrics}.items():
-            sums[key] = sums.get(key, 0) + value.sum()
-        sums["tokens"] += mb.num_real_tokens
-        sums["ctx"] += mb.attention_context
-    set_grad_sync(model, True)  # leave the model as FSDP builds it (e.g. for eval or a test)
+    try:
+        for i, mb in enumerate(on_device):
+            set_grad_sync(model, grad_sync == "every" or i == len(on_device) - 1)
+            policy_sum, policy_count = model(mb.input_ids, mb.layout, mb.score)  # (2P,) each
+            ref_sum, ref_count = reference(mb) if reference is not None else (None, None)
+            losses, metrics = compute_loss(
+                loss_cfg, policy_sum, policy_count, ref_sum, ref_count, check_counts=False
+            )  # the packer guarantees every response a scored token: no host sync to check it
+            (losses.sum() * world.world_size / batch_size).backward()  # losses: (P,) per pair
+            for key, value in {"loss": losses.detach(), **metrics}.items():
+                sums[key] = sums.get(key, 0) + value.sum()
+            sums["tokens"] += mb.num_real_tokens
+            sums["ctx"] += mb.attention_context
+    finally:
+        set_grad_sync(model, True)  # leave the model as FSDP builds it (eval, a next caller)
     if "loss" not in sums:  # only empty micro-batches: nothing was scored on this rank
         sums["loss"] = torch.zeros((), device=world.device)
     return sums
