@@ -17,7 +17,6 @@ import torch
 from step_checks import (
     VOCAB,
     count_reduce_scatters,
-    max_rel_diff,
     micro_batches,
     random_pairs,
     step_grads,
@@ -44,16 +43,19 @@ def world():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_grad_sync_last_equals_every_in_one_process(world, precision):
-    """5 micro-batches; gradients reduced once (after the last) equal reduced after each.
-    bf16-mixed: FSDP accumulates the unsynced gradients in the fp32 reduce dtype, as the
-    synced ones accumulate in the fp32 sharded .grad, so the two agree to fp32 rounding."""
+    """5 micro-batches; gradients reduced once (after the last) equal reduced after each, bit
+    for bit on one rank: the same fp32 additions in the same order (bf16-mixed: FSDP
+    accumulates the unsynced gradients in the fp32 reduce dtype, as the synced ones add up in
+    the fp32 sharded .grad)."""
     model = tiny_model(world, precision)
     pairs = random_pairs()
     micro = micro_batches(world, pairs)
     assert len(micro) == 5
     every = step_grads(model, micro, world, "every", len(pairs))
     last = step_grads(model, micro, world, "last", len(pairs))
-    assert max_rel_diff(every, last) < 1e-6
+    assert every.keys() == last.keys()
+    for name, g in every.items():
+        assert torch.equal(g, last[name]), name
 
 
 def test_grad_sync_last_defers_the_reduction(world):
