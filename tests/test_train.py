@@ -227,7 +227,7 @@ def test_unknown_key_is_a_clean_error_with_exit_code_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-# DESIGN.md section 1: (loss, β, γ/β, lr, max_length, max_prompt_length) of each recipe
+# docs/design.md §1: (loss, β, γ/β, lr, max_length, max_prompt_length) of each recipe
 RECIPES = {
     "mistral-7b-base-simpo": ("simpo", 2.0, 0.8, 3e-7, 1024, 512),
     "mistral-7b-instruct-simpo": ("simpo", 2.5, 0.1, 5e-7, 2048, 1800),
