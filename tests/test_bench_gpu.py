@@ -88,3 +88,5 @@ def test_cpu_dry_run_covers_the_gemma_shape(tmp_path):
     assert "| 64 x 1024 (cap 30), 512 |" in text  # the soft-capped head kernel
     assert "50,000 pairs x 1 epoch" in text and "assumed 360 GB/s" in text
     assert "projected for 50k pairs (slides: 16)" in text.splitlines()[-1]
+    for shape in ("tiny (dry run)", "tiny gemma-2 (dry run)"):  # decoding (bench/decode.py)
+        assert f"| {shape} | 1 |" in text and f"| {shape} | 4 |" in text
