@@ -9,7 +9,6 @@ convention, computed in fp32.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,16 +78,22 @@ def rope_cos_sin(args: ModelArgs, position_ids: Tensor) -> tuple[Tensor, Tensor]
     return emb.cos(), emb.sin()
 
 
-@functools.cache
+_INV_FREQ: dict[tuple[Any, ...], Tensor] = {}  # a plain dict: compiled code reads the tensor
+
+
 def _inv_freq(
     d: int, theta: float, scaling: tuple[tuple[str, Any], ...], device: torch.device
 ) -> Tensor:
     """RoPE inverse frequencies (d/2,) fp32 on `device`: computed on the CPU, as HF does (the
     same bits), and copied to the device once per process rather than in every forward (a
-    copy from the host memory of a fresh tensor makes the host wait for the GPU)."""
-    with torch.inference_mode(False):  # a normal tensor, even if first called for generation
-        inv = _cpu_inv_freq(d, theta, dict(scaling) or None)
-        return inv.to(device)
+    copy from the host memory of a fresh tensor makes the host wait for the GPU). A plain dict,
+    not functools.cache: torch.compile traces through a cache wrapper and would put the CPU
+    computation inside the graph (no CUDA graph then); it reads a dict's tensor as a constant."""
+    key = (d, theta, scaling, device)
+    if key not in _INV_FREQ:
+        with torch.inference_mode(False):  # a normal tensor, even if first made for generation
+            _INV_FREQ[key] = _cpu_inv_freq(d, theta, dict(scaling) or None).to(device)
+    return _INV_FREQ[key]
 
 
 def _cpu_inv_freq(d: int, theta: float, sc: dict[str, Any] | None) -> Tensor:
