@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,8 +193,10 @@ def test_non_finite_loss_stops_naming_the_step(tiny, tmp_path):
     state = load_file(bad / "model.safetensors")
     state["model.norm.weight"][0] = float("nan")
     save_file(state, bad / "model.safetensors")
-    with pytest.raises(TrainingError, match=r"step 1: non-finite loss.*Last good checkpoint: none"):
+    with pytest.raises(TrainingError) as err:
         run_train(train_argv(tmp_path / "run", bad, data))
+    assert re.search(r"step 1: non-finite loss.*Last good checkpoint: none", str(err.value))
+    assert "--train.resume_override=train.lr --train.lr=" in str(err.value)  # how to go on
 
 
 def test_bad_input_errors(tiny, tmp_path):
