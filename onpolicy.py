@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from simpo.binarize import binarize
-from simpo.conventions import encode_prompt
+from simpo.conventions import encode_prompt, with_system
 from simpo.data import DataError
 from simpo.generate import release_pool, sample, sample_key
 from simpo.hf import load_model
@@ -91,6 +91,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     p.add_argument("--template", default="auto", help="the policy's chat template (named)")
     p.add_argument("--chat-template", default="", help="the policy's: a Jinja file (or text)")
+    p.add_argument(
+        "--system", default=None,
+        help="a system message first in every prompt (default none, as the official decode.py;"
+        " --system= matches training prompts of the official convention)",
+    )  # fmt: skip
     p.add_argument("--tokenizer", help="the policy's tokenizer directory, if not --policy")
     p.add_argument(
         "--reward-template", default="auto",
@@ -222,7 +227,9 @@ def sample_shard(
     context, todo = model.args.max_position_embeddings, []
     for row in rows:
         messages = [{"role": "user", "content": row["prompt"]}]
-        ids = encode_prompt(messages, tokenizer, args.template, args.chat_template)
+        ids = encode_prompt(
+            with_system(messages, args.system), tokenizer, args.template, args.chat_template
+        )
         if len(ids) + args.max_new_tokens <= context:
             todo.append((row, ids))
             continue

@@ -137,6 +137,7 @@ def eval_stage(out: Path, name: str, model: Path, plan: Plan, ref: Path | None) 
         "--out", str(out / "eval" / slug(name)), "--beta", str(plan.simpo_beta),
         "--dpo-beta", str(plan.dpo_beta), "--num-prompts", str(plan.gen_prompts),
         "--max-new-tokens", str(plan.max_new_tokens), "--generator", name, "--quiet",
+        "--system=",  # the training prompts (official convention) carry an empty system turn
     ]  # fmt: skip
     return load_script("eval").main(argv + (["--ref", str(ref)] if ref else []))
 
@@ -178,6 +179,7 @@ def onpolicy_stage(out: Path, policy: Path, plan: Plan, seed: int) -> dict[str, 
         "--limit", str(plan.onpolicy_prompts), "--samples", str(plan.onpolicy_samples),
         "--max-new-tokens", str(plan.onpolicy_new_tokens), "--seed", str(seed),
         "--batch-prompts", "64", "--quiet",
+        "--system=",  # sample with the prompts SimPO trains on (official: empty system turn)
     ]  # fmt: skip
     summary = load_script("onpolicy").main(argv)
     rows = [json.loads(r) for r in (out / "onpolicy" / "samples.jsonl").read_text().splitlines()]
