@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch 2.13.0 CPU threads: keep the 2-core CI machine responsive
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install lint format test demo demo-real smollm2 bench clean
+.PHONY: install lint format test mutate demo demo-real smollm2 bench readme-numbers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ format: install
 test: lint
 	$(BIN)/python -m pytest -q
 
+# not in CI: plant one-line bugs in a scratch copy, one at a time; lists the survivors
+# (make mutate ARGS="--only temperature accuracy_tie"; ARGS="--list")
+mutate: install
+	$(BIN)/python tests/mutation_smoke.py $(ARGS)
+
 demo: install
 	$(BIN)/python -m simpo.demo --out demo_out
 
@@ -36,11 +41,14 @@ smollm2: install
 
 # SimPO and DPO on SmolLM2-135M-Instruct with real pairs (../shared/data, or DATA=file.jsonl)
 demo-real: install
-	$(BIN)/python -m simpo.demo_real --out demo_real_out $(if $(DATA),--data $(DATA))
+	$(BIN)/python -m simpo.demo.real --out demo_real_out $(if $(DATA),--data $(DATA))
 
 bench: install
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/run_all.py
+
+readme-numbers: install
+	$(BIN)/python bench/readme_numbers.py
 
 clean:
 	rm -rf $(VENV) demo_out demo_real_out runs .pytest_cache .ruff_cache *.egg-info

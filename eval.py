@@ -30,13 +30,14 @@ from tqdm import tqdm
 
 from simpo.config import DataConfig, EvalConfig
 from simpo.data import DataError, load_pairs
-from simpo.dist import Dist, init_distributed, print0, shutdown
 from simpo.generate import generate
+from simpo.hf import load_model
 from simpo.model import Transformer
 from simpo.readers import Fields, Skip, detect_format, parse_row, read_records, to_example
 from simpo.scoring import score_pairs
 from simpo.templates import TemplateError, encode_prompt
 from simpo.tokenizer import Tokenizer, TokenizerError
+from simpo.world import World, init_world, print0, shutdown
 
 SCORE_CHUNK = 512  # pairs per score_pairs call: the progress bar advances per chunk
 
@@ -170,8 +171,8 @@ def mean(x: Tensor) -> float | None:
     return float(x.double().mean()) if x.numel() else None
 
 
-def score(
-    model: Transformer, pairs: list, max_tokens: int, d: Dist, bar: bool
+def score_in_chunks(
+    model: Transformer, pairs: list, max_tokens: int, world: World, bar: bool
 ) -> tuple[Tensor, Tensor]:
     """Log-prob sums and token counts (P, 2) each, columns [chosen, rejected], in the order
     of `pairs` (file order); every rank scores its share of each chunk."""
@@ -179,16 +180,16 @@ def score(
     chunks = range(0, len(pairs), SCORE_CHUNK)
     for i in tqdm(chunks, desc="scoring", unit="chunk", disable=not bar):
         chunk = pairs[i : i + SCORE_CHUNK]
-        _, s, c = score_pairs(model, chunk, max_tokens, "shared_prompt", d)  # sorted by index
+        _, s, c = score_pairs(model, chunk, max_tokens, "shared_prompt", world)  # sorted by index
         sums.append(s)
         counts.append(c)
     return torch.cat(sums), torch.cat(counts)
 
 
-def load_model(path: Path, args: argparse.Namespace, d: Dist) -> Transformer:
-    cuda = d.device.type == "cuda"
+def load_for_eval(path: Path, args: argparse.Namespace, world: World) -> Transformer:
+    cuda = world.device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else None
-    return Transformer.from_pretrained(path, dtype=dtype or torch.float32, device=d.device).eval()
+    return load_model(path, dtype=dtype or torch.float32, device=world.device).eval()
 
 
 @torch.no_grad()
@@ -204,7 +205,11 @@ def restrict_vocab(model: Transformer, n: int) -> None:
 
 
 def generate_outputs(
-    model: Transformer, tokenizer: Tokenizer, prompts: list[dict], args: argparse.Namespace, d: Dist
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[dict],
+    args: argparse.Namespace,
+    world: World,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """AlpacaEval rows {instruction, output, generator, ...} and generated token counts.
 
@@ -214,9 +219,9 @@ def generate_outputs(
     restrict_vocab(model, tokenizer.vocab_size)
     starts = range(0, len(ids), args.gen_batch)
     mine: list[tuple[int, list[int]]] = []
-    bar = tqdm(total=len(starts), desc="generating", disable=not show(args, d))
+    bar = tqdm(total=len(starts), desc="generating", disable=not show(args, world))
     for b, start in enumerate(starts):
-        if b % d.world_size == d.rank:
+        if b % world.world_size == world.rank:
             batch = ids[start : start + args.gen_batch]
             out = generate(
                 model, batch, args.max_new_tokens, temperature=args.temperature,
@@ -226,8 +231,8 @@ def generate_outputs(
         bar.update(1)
     bar.close()
     gathered = [mine]
-    if d.world_size > 1:
-        gathered = [None] * d.world_size
+    if world.world_size > 1:
+        gathered = [None] * world.world_size
         dist.all_gather_object(gathered, mine)
     tokens = dict(item for part in gathered for item in part)
     name = args.generator or model_name(Path(args.model))
@@ -262,8 +267,8 @@ def check_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return prompts[: args.num_prompts] if args.num_prompts >= 0 else prompts
 
 
-def evaluate(
-    args: argparse.Namespace, prompts: list[dict[str, Any]], d: Dist
+def run_eval(
+    args: argparse.Namespace, prompts: list[dict[str, Any]], world: World
 ) -> tuple[dict[str, Any], list[dict], list[dict]]:
     """(metrics, per-pair scores, AlpacaEval outputs); every rank returns the same."""
     model_dir, tok_dir = Path(args.model), Path(args.tokenizer or args.model)
@@ -271,17 +276,19 @@ def evaluate(
     metrics: dict[str, Any] = {"model": str(model_dir), "data": args.data, "ref": args.ref}
     per_pair: list[dict] = []
     outputs: list[dict] = []
-    model = load_model(model_dir, args, d)
+    model = load_for_eval(model_dir, args, world)
     if args.data:
         cfg = DataConfig(
             template=args.template, mask=args.mask, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, num_workers=1,
         )  # fmt: skip
-        pairs, report = load_pairs(args.data, tokenizer, cfg, progress=show(args, d))
+        pairs, report = load_pairs(args.data, tokenizer, cfg, progress=show(args, world))
         pairs = pairs[: args.limit] if args.limit > 0 else pairs
         print0(report.summary())
-        max_tokens = 2 * args.max_length  # fits any pair (DESIGN: a pair <= 2 x max_length)
-        sums, counts = score(model, pairs, max_tokens, d, show(args, d))  # (P, 2) each
+        max_tokens = 2 * args.max_length  # fits any pair: a pair has <= 2 x max_length tokens
+        sums, counts = score_in_chunks(
+            model, pairs, max_tokens, world, show(args, world)
+        )  # (P, 2) each
         metrics |= {"num_pairs": len(pairs), "num_skipped": report.num_skipped}
         metrics |= {"beta": args.beta} | preference_metrics(args.beta * sums / counts, counts)
         metrics |= {
@@ -295,7 +302,7 @@ def evaluate(
             for p, s, c in zip(pairs, sums.tolist(), counts.long().tolist(), strict=True)
         ]
     if prompts:
-        outputs, lengths = generate_outputs(model, tokenizer, prompts, args, d)
+        outputs, lengths = generate_outputs(model, tokenizer, prompts, args, world)
         n = max(len(outputs), 1)
         metrics |= {
             "gen_num": len(outputs),
@@ -305,8 +312,8 @@ def evaluate(
         }
     del model  # before the reference is loaded: never two models in memory
     if args.data and args.ref:
-        ref_model = load_model(Path(args.ref), args, d)
-        ref_sums, _ = score(ref_model, pairs, max_tokens, d, show(args, d))
+        ref_model = load_for_eval(Path(args.ref), args, world)
+        ref_sums, _ = score_in_chunks(ref_model, pairs, max_tokens, world, show(args, world))
         del ref_model
         dpo = preference_metrics(args.dpo_beta * (sums - ref_sums), counts)
         metrics |= {"dpo_beta": args.dpo_beta} | {f"dpo_{k}": v for k, v in dpo.items()}
@@ -315,9 +322,9 @@ def evaluate(
     return metrics, per_pair, outputs
 
 
-def show(args: argparse.Namespace, d: Dist) -> bool:
+def show(args: argparse.Namespace, world: World) -> bool:
     """Progress bars: on rank 0 unless --quiet."""
-    return d.is_main and not args.quiet
+    return world.is_main and not args.quiet
 
 
 TABLE = (
@@ -367,16 +374,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation in a process group (one rank without torchrun); the metrics."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     prompts = check_inputs(args)
-    d = init_distributed()
+    world = init_world()
     try:
-        metrics, per_pair, outputs = evaluate(args, prompts, d)
-        if d.is_main:
+        metrics, per_pair, outputs = run_eval(args, prompts, world)
+        if world.is_main:
             write_outputs(Path(args.out), metrics, per_pair, outputs)
     except BaseException:
         shutdown(clean=False)
         raise
     shutdown()
-    if d.is_main:
+    if world.is_main:
         print(format_table(metrics) + f"\nwrote {args.out}/", flush=True)
     return metrics
 

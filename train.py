@@ -14,41 +14,16 @@ the number of ranks. Writes metrics.jsonl, config.toml, checkpoints/step_N/ and 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
-from simpo.checkpoint import save_hf
-from simpo.config import Config, ConfigError, parse_args, to_toml
-from simpo.data import DataError, check_config, load_datasets
-from simpo.dist import Dist, build_model, init_distributed, print0, shutdown, unwrap_norm
-from simpo.losses import check_loss_config, compute_loss, get_loss
-from simpo.metrics import (
-    MetricsWriter,
-    attention_context,
-    matmul_params,
-    peak_flops,
-    peak_mem_gb,
-    reduce_sums,
-    train_flops,
-)
-from simpo.packing import plan_micro_batches
-from simpo.reference import precompute_reference
-from simpo.sampler import epoch_of, global_batch, steps_for
-from simpo.schedule import lr_at
-from simpo.scoring import evaluate
-from simpo.synthetic import write_synthetic_prefs
-from simpo.tiny import SYNTHETIC_PAIRS, build_tiny_model_dir, texts_from_file
-from simpo.tokenizer import Tokenizer, TokenizerError
-from simpo.trainstate import (
+from simpo.checkpoint import (
     TrainingError,
     check_resumable,
     latest_checkpoint,
@@ -57,14 +32,44 @@ from simpo.trainstate import (
     save_checkpoint,
     sigterm_flag,
 )
+from simpo.config import Config, ConfigError, parse_args, to_toml
+from simpo.data import DataError, load_datasets
+from simpo.demo.tiny import fill_in_defaults
+from simpo.fsdp import build_model
+from simpo.hf import save_hf
+from simpo.losses import check_loss_config, get_loss
+from simpo.metrics import (
+    MetricsWriter,
+    matmul_params,
+    peak_flops,
+    peak_mem_gb,
+    reduce_scalars,
+    train_flops,
+)
+from simpo.packing import plan_micro_batches
+from simpo.reference import precompute_reference, reference_for
+from simpo.sampler import epoch_of, global_batch, steps_for
+from simpo.schedule import lr_at
+from simpo.scoring import heldout_metrics
+from simpo.step import train_step
+from simpo.tokenizer import Tokenizer, TokenizerError
+from simpo.world import World, init_world, print0, shutdown, unwrap_norm
+
+BF16_PURE_WARNING = (
+    "train.precision=bf16-pure keeps the weights in bf16, where an update smaller than ~1/256 "
+    "of a weight rounds to nothing: at SimPO/DPO learning rates (3e-7 … 1e-6) almost every "
+    "AdamW update (~lr per weight) vanishes. Use bf16-mixed (fp32 master weights) unless you "
+    "know why."
+)
+NOT_METRICS = {"loss", "tokens", "ctx", "stop"}  # train_step sums that are not per-pair metrics
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse the config, run training in a process group, leave it cleanly; final metrics."""
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    d = init_distributed()
+    world = init_world()
     try:
-        result = train(cfg, d)
+        result = train(cfg, world)
     except BaseException:
         shutdown(clean=False)  # other ranks may never reach a barrier
         raise
@@ -72,23 +77,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return result
 
 
-def train(cfg: Config, d: Dist) -> dict[str, float]:
-    tc = cfg.train
-    try:
-        spec = get_loss(cfg.loss.name)
-        warnings = check_loss_config(cfg.loss, has_reference=spec.needs_reference)
-        check_config(cfg.data)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for w in warnings:
+def train(cfg: Config, world: World) -> dict[str, float]:
+    tc, spec = cfg.train, get_loss(cfg.loss.name)
+    for w in check_loss_config(cfg.loss, has_reference=spec.needs_reference):
         print0(f"warning: {w}")
     if tc.precision == "bf16-pure":
-        print0(
-            "warning: train.precision=bf16-pure keeps the weights in bf16, where an update "
-            "smaller than ~1/256 of a weight rounds to nothing: at SimPO/DPO learning rates "
-            "(3e-7 … 1e-6) almost every AdamW update (~lr per weight) vanishes. Use bf16-mixed "
-            "(fp32 master weights) unless you know why."
-        )
+        print0(f"warning: {BF16_PURE_WARNING}")
     torch.manual_seed(tc.seed)
     out = Path(tc.output_dir)
     prepare_output_dir(out, tc.resume)  # writable, and no stale checkpoints on a fresh run
@@ -96,37 +90,21 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
     latest = latest_checkpoint(ckpt_root) if tc.resume else None
     start_step = check_resumable(latest, cfg) if latest else 0  # before any expensive work
 
-    # --- model and data: a tiny random model and the synthetic task when none are given ---
-    if cfg.data.eval and cfg.data.eval_fraction:
-        raise ConfigError("set data.eval or data.eval_fraction, not both")
-    model_dir = Path(cfg.model.path) if cfg.model.path else out / "tiny_model"
-    if cfg.model.path and not (model_dir / "config.json").is_file():
-        raise ConfigError(f"model.path = '{model_dir}' is not a Hugging Face checkpoint dir")
-    data_cfg = dataclasses.replace(
-        cfg.data,
-        train=cfg.data.train or str(out / "data" / "train.jsonl"),
-        cache_dir=cfg.data.cache_dir or str(out / "cache"),
-    )
-    if d.is_main and not cfg.data.train and not Path(data_cfg.train).exists():
-        write_synthetic_prefs(data_cfg.train, SYNTHETIC_PAIRS, tc.seed)
-    if d.is_main and not cfg.model.path and not (model_dir / "config.json").exists():
-        m = cfg.model
-        texts = texts_from_file(data_cfg.train)
-        build_tiny_model_dir(model_dir, texts, m.tiny_vocab, m.tiny_dim, m.tiny_layers, tc.seed)
-    torch.distributed.barrier()
+    # --- data: tokenised once by rank 0 (which fills the cache), then read by the others ---
+    model_dir, data_cfg = fill_in_defaults(cfg, out, world.is_main)  # tiny demo inputs if empty
     tokenizer_dir = Path(cfg.model.tokenizer or model_dir)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    if d.is_main:  # rank 0 tokenises and fills the cache, the other ranks then read it
+    if world.is_main:
         pairs, eval_pairs, reports = load_datasets(data_cfg, tokenizer, tc.seed)
     torch.distributed.barrier()
-    if not d.is_main:
+    if not world.is_main:
         pairs, eval_pairs, reports = load_datasets(data_cfg, tokenizer, tc.seed, progress=False)
     for report in reports:
         print0(report.summary())
-    if tc.batch_size < 1 or tc.batch_size > len(pairs):
+    if tc.batch_size > len(pairs):
         raise ConfigError(
-            f"train.batch_size = {tc.batch_size} must be between 1 and the {len(pairs)} "
-            f"training pairs of {data_cfg.train}"
+            f"train.batch_size = {tc.batch_size} exceeds the {len(pairs)} training pairs of "
+            f"{data_cfg.train}"
         )
     total = steps_for(len(pairs), tc.batch_size, tc.epochs, tc.max_steps)
 
@@ -136,17 +114,18 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
         ref_dir = Path(cfg.loss.reference_path or model_dir)
         if cfg.loss.reference == "precompute":
             splits = {"train": pairs, "eval": eval_pairs} if eval_pairs else {"train": pairs}
-            ref_tables = precompute_reference(ref_dir, splits, cfg, d, Path(data_cfg.cache_dir))
+            ref_tables = precompute_reference(ref_dir, splits, cfg, world, Path(data_cfg.cache_dir))
         else:
             ref_model = build_model(
-                ref_dir, d, tc.precision, attention=cfg.model.attention, trainable=False
+                ref_dir, world, tc.precision, attention=cfg.model.attention, trainable=False
             )
+    reference = reference_for(ref_tables.get("train"), ref_model)
 
     # --- policy: built on meta, FSDP2-sharded, loaded shard-wise; AdamW with fp32 state ---
     ac = tc.activation_checkpointing == "on" or (
-        tc.activation_checkpointing == "auto" and d.device.type == "cuda"
+        tc.activation_checkpointing == "auto" and world.device.type == "cuda"
     )
-    model = build_model(model_dir, d, tc.precision, ac, tc.compile, cfg.model.attention)
+    model = build_model(model_dir, world, tc.precision, ac, tc.compile, cfg.model.attention)
     matrices = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases
     others = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -154,22 +133,22 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
         lr=tc.lr,
         betas=(tc.adam_beta1, tc.adam_beta2),
         weight_decay=0.0,
-        fused=d.device.type == "cuda",
+        fused=world.device.type == "cuda",
     )
     if latest is not None:
         load_checkpoint(latest, model, optimizer)
         print0(f"resumed from {latest} at step {start_step}")
-    if d.is_main:
+    if world.is_main:
         (out / "config.toml").write_text(to_toml(cfg))
-    writer = MetricsWriter(out / "metrics.jsonl", d.is_main, start_step if latest else None)
+    writer = MetricsWriter(out / "metrics.jsonl", world.is_main, start_step if latest else None)
     print0(
         f"{spec.name}: {len(pairs)} train / {len(eval_pairs)} eval pairs, {total} steps of "
-        f"{tc.batch_size} pairs, {d.world_size} x {d.device.type}, {tc.precision}, "
+        f"{tc.batch_size} pairs, {world.world_size} x {world.device.type}, {tc.precision}, "
         f"activation checkpointing {'on' if ac else 'off'}"
     )
 
-    n_matmul, peak = matmul_params(model), peak_flops(d.device)
-    bar = tqdm(total=total, initial=start_step, disable=not d.is_main, desc=spec.name)
+    n_matmul, peak = matmul_params(model), peak_flops(world.device)
+    bar = tqdm(total=total, initial=start_step, disable=not world.is_main, desc=spec.name)
     record: dict[str, float] = {}
     with sigterm_flag() as stop:  # preemption: finish the step, save a checkpoint, return
         for step in range(start_step, total):
@@ -179,35 +158,14 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
                 group["lr"] = lr
             batch = global_batch(pairs, step, tc.batch_size, tc.seed)  # same on every rank
             micro = plan_micro_batches(
-                batch, cfg.data.max_tokens, d.world_size, d.rank, cfg.data.packing
+                batch, cfg.data.max_tokens, world.world_size, world.rank, cfg.data.packing
             )  # this rank's share; all ranks get as many micro-batches (some maybe empty)
-            sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=d.device))
-            tokens = context = 0
-            for mb in micro:
-                mb = mb.to(d.device)
-                inputs = (mb.input_ids, mb.layout.position_ids, mb.layout, mb.score)
-                policy_sum, policy_count = model(*inputs)  # (2P,) each
-                ref_sum = ref_count = None
-                if ref_model is not None:
-                    with torch.no_grad():
-                        ref_sum, ref_count = ref_model(*inputs)
-                elif spec.needs_reference:
-                    ref_sum, ref_count = ref_tables["train"].lookup(mb.pair_index)
-                losses, metrics = compute_loss(
-                    cfg.loss, policy_sum, policy_count, ref_sum, ref_count
-                )  # (P,) per pair
-                # Sum over this micro-batch / pairs of the whole step; x world size because
-                # FSDP averages gradients over ranks where we want their sum.
-                (losses.sum() * d.world_size / tc.batch_size).backward()
-                sums["loss"] += losses.detach().sum()
-                for k, v in metrics.items():
-                    sums[k] += v.sum()
-                tokens += mb.num_real_tokens
-                context += attention_context(mb.layout)
+            sums = train_step(model, micro, cfg.loss, tc.batch_size, world, reference)
             max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
             grad_norm = unwrap_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            local = {k: v.item() for k, v in sums.items()} | {"tokens": tokens, "ctx": context}
-            totals = reduce_sums(local | {"stop": float(stop.is_set())})
+            totals = reduce_scalars(
+                {k: float(v) for k, v in sums.items()} | {"stop": stop.is_set()}
+            )
             loss = totals["loss"] / tc.batch_size
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingError(
@@ -222,14 +180,15 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
 
             record = {"step": done, "epoch": epoch_of(step, tc.batch_size, len(pairs))}
             record |= {"loss": loss, "lr": lr, "grad_norm": grad_norm}
-            record |= {k: totals[k] / tc.batch_size for k in sums if k != "loss"}
+            record |= {k: v / tc.batch_size for k, v in totals.items() if k not in NOT_METRICS}
             record["tokens_per_s"] = totals["tokens"] / dt
             if peak is not None:
                 flops = train_flops(model.args, n_matmul, int(totals["tokens"]), int(totals["ctx"]))
-                record["mfu"] = flops / dt / (peak * d.world_size)
-            record["peak_mem_gb"] = reduce_sums({"m": peak_mem_gb(d.device)}, op="max")["m"]
+                record["mfu"] = flops / dt / (peak * world.world_size)
+            record["peak_mem_gb"] = reduce_scalars({"m": peak_mem_gb(world.device)}, "max")["m"]
             if eval_pairs and tc.eval_every > 0 and (done % tc.eval_every == 0 or done == total):
-                record |= evaluate(model, eval_pairs, cfg, d, ref_tables.get("eval"), ref_model)
+                eval_ref = ref_tables.get("eval")
+                record |= heldout_metrics(model, eval_pairs, cfg, world, eval_ref, ref_model)
             if done % tc.log_every == 0 or done == total:
                 writer.write(record)
             bar.set_postfix(

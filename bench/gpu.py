@@ -1,6 +1,6 @@
 """SimPO training step of Llama-3.2-1B- and Llama-3-8B-shaped models on one GPU: tokens/s, MFU.
 
-Random weights (built on `meta`, sharded with `simpo.dist.parallelize` exactly as train.py
+Random weights (built on `meta`, sharded with `simpo.fsdp.parallelize` exactly as train.py
 does: FSDP2 on one rank, bf16 compute, fp32 master weights and reductions), FlexAttention on
 packed rows of 4,096 tokens (shared prompt) from the real length distribution (the shared
 data and Mistral tokenizer when ../shared is there, else synthetic pairs around its median
@@ -45,12 +45,14 @@ from bench.common import (  # noqa: E402
     table,
 )
 from simpo.config import LossConfig  # noqa: E402
-from simpo.dist import Dist, init_distributed, parallelize, shutdown  # noqa: E402
+from simpo.fsdp import parallelize  # noqa: E402
+from simpo.hf import read_hf_config
 from simpo.logprobs import naive_response_logprobs, response_logprobs  # noqa: E402
 from simpo.losses import compute_loss  # noqa: E402
 from simpo.metrics import attention_context, matmul_params, peak_flops, train_flops  # noqa: E402
-from simpo.model import ModelArgs, Transformer  # noqa: E402
+from simpo.model import Transformer  # noqa: E402
 from simpo.packing import PackedBatch, pack_pairs  # noqa: E402
+from simpo.world import World, init_world, shutdown  # noqa: E402
 
 PEAK_BF16 = 989e12  # H100 / H200 dense bf16
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
@@ -114,14 +116,13 @@ def step_rows(args: argparse.Namespace, vocab: int) -> list[PackedBatch]:
     return rows[:need]
 
 
-def build(args: argparse.Namespace, d: Dist, shape: str, ac: bool) -> Transformer:
+def build(args: argparse.Namespace, world: World, shape: str, ac: bool) -> Transformer:
     """Random model on `meta` -> FSDP2 (bf16-mixed) -> materialised on the device, N(0, 0.02)."""
-    margs = ModelArgs.from_hf_config(SHAPES[shape])
-    margs.attn_backend = "sdpa" if args.cpu_dry_run else "flex"
+    margs = read_hf_config(SHAPES[shape])
     with torch.device("meta"):
-        model = Transformer(margs)
-    parallelize(model, d.mesh, "bf16-mixed", ac, args.compile)
-    model.to_empty(device=d.device)
+        model = Transformer(margs, attn_backend="sdpa" if args.cpu_dry_run else "flex")
+    parallelize(model, world.mesh, "bf16-mixed", ac, args.compile)
+    model.to_empty(device=world.device)
     with torch.no_grad():  # on the device: no host-side random 8B tensor
         for name, p in model.named_parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
@@ -129,38 +130,38 @@ def build(args: argparse.Namespace, d: Dist, shape: str, ac: bool) -> Transforme
     return model
 
 
-def sync(d: Dist) -> None:
-    if d.device.type == "cuda":
+def sync(world: World) -> None:
+    if world.device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def peak_gb(d: Dist) -> float:
-    return torch.cuda.max_memory_allocated() / 1e9 if d.device.type == "cuda" else peak_rss_gb()
+def peak_gb(world: World) -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if world.device.type == "cuda" else peak_rss_gb()
 
 
 def run_config(
-    args: argparse.Namespace, d: Dist, shape: str, ac: bool, with_optimizer: bool
+    args: argparse.Namespace, world: World, shape: str, ac: bool, with_optimizer: bool
 ) -> Result:
-    model = build(args, d, shape, ac)
-    rows = [r.to(d.device) for r in step_rows(args, model.args.vocab_size)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=d.device.type == "cuda")
+    model = build(args, world, shape, ac)
+    rows = [r.to(world.device) for r in step_rows(args, model.args.vocab_size)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=world.device.type == "cuda")
     cfg = LossConfig(name="simpo", beta=2.0, gamma_beta_ratio=0.5)
     n_matmul, times = matmul_params(model), []
     flops = tokens = 0.0
     for k in range(args.steps + 2):  # 2 warmup steps: compilation, allocator, optimizer state
         micro = rows[k * args.rows : (k + 1) * args.rows]
         pairs = sum(mb.num_pairs for mb in micro)
-        sync(d)
+        sync(world)
         t0 = time.perf_counter()
         for mb in micro:
-            sums, counts = model(mb.input_ids, mb.layout.position_ids, mb.layout, mb.score)
+            sums, counts = model(mb.input_ids, mb.layout, mb.score)
             losses, _ = compute_loss(cfg, sums, counts)  # (P,)
             (losses.sum() / pairs).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if with_optimizer:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync(d)
+        sync(world)
         if k >= 2:
             times.append(time.perf_counter() - t0)
             real = sum(mb.num_real_tokens for mb in micro)
@@ -175,16 +176,16 @@ def run_config(
     status = "ok" if with_optimizer else "fwd+bwd only"
     if not times:
         return Result(shape, ac, "timeout")
-    peak = peak_flops(d.device) or PEAK_BF16
+    peak = peak_flops(world.device) or PEAK_BF16
     total = sum(times)
     return Result(
-        shape, ac, status, tokens / total, flops / total / peak, peak_gb(d), median(times)
+        shape, ac, status, tokens / total, flops / total / peak, peak_gb(world), median(times)
     )
 
 
-def free(d: Dist) -> None:
+def free(world: World) -> None:
     gc.collect()
-    if d.device.type == "cuda":
+    if world.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -193,7 +194,7 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
 
 
-def run_all(args: argparse.Namespace, d: Dist) -> list[Result]:
+def run_all(args: argparse.Namespace, world: World) -> list[Result]:
     results, start = [], time.monotonic()
     for shape in args.shapes:
         for ac in (False, True):
@@ -206,12 +207,12 @@ def run_all(args: argparse.Namespace, d: Dist) -> list[Result]:
                     f"{shape}, activation checkpointing {'on' if ac else 'off'}{what}", flush=True
                 )
                 try:
-                    result = run_config(args, d, shape, ac, with_optimizer)
+                    result = run_config(args, world, shape, ac, with_optimizer)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     if not is_oom(e):
                         raise
                     result = Result(shape, ac, "OOM")
-                free(d)
+                free(world)
                 print(f"  -> {result.status}: {result.tokens_s:,.0f} tokens/s, MFU "
                       f"{result.mfu:.1%}, peak {result.peak_gb:.1f} GB", flush=True)  # fmt: skip
                 if result.status != "OOM":
@@ -220,24 +221,26 @@ def run_all(args: argparse.Namespace, d: Dist) -> list[Result]:
     return results
 
 
-def kernel_bench(d: Dist, dim: int, vocab: int, n: int) -> tuple[float, float]:
+def kernel_bench(world: World, dim: int, vocab: int, n: int) -> tuple[float, float]:
     """(effective TFLOP/s of the fused kernel's forward+backward, time naive / fused)."""
     dtype = torch.bfloat16
-    gen = torch.Generator(device=d.device).manual_seed(0)
-    hidden = torch.randn(n, dim, device=d.device, dtype=dtype, generator=gen, requires_grad=True)
-    weight = torch.randn(vocab, dim, device=d.device, dtype=dtype, generator=gen) * 0.02
+    gen = torch.Generator(device=world.device).manual_seed(0)
+    hidden = torch.randn(
+        n, dim, device=world.device, dtype=dtype, generator=gen, requires_grad=True
+    )
+    weight = torch.randn(vocab, dim, device=world.device, dtype=dtype, generator=gen) * 0.02
     weight.requires_grad_(True)
-    targets = torch.randint(0, vocab, (n,), device=d.device, generator=gen)
-    index = torch.arange(n, device=d.device)
+    targets = torch.randint(0, vocab, (n,), device=world.device, generator=gen)
+    index = torch.arange(n, device=world.device)
     responses = index // 256  # 256-token responses
 
     def seconds(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> float:
         times = []
         for i in range(5):
-            sync(d)
+            sync(world)
             t0 = time.perf_counter()
             fn(hidden, weight, index, targets, responses, n // 256)[0].sum().backward()
-            sync(d)
+            sync(world)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
             hidden.grad = weight.grad = None
@@ -291,12 +294,12 @@ def main() -> None:
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("gpu: SKIPPED: no CUDA device (try --cpu-dry-run to exercise the code path)")
         return
-    d = init_distributed()
-    results = run_all(args, d)
+    world = init_world()
+    results = run_all(args, world)
     sizes = [(64, 1024, 512)] if args.cpu_dry_run else [(2048, 128256, 4096), (4096, 128256, 4096)]
     kernels = []
     for dim, vocab, n in sizes:
-        tflops, speed = kernel_bench(d, dim, vocab, n)
+        tflops, speed = kernel_bench(world, dim, vocab, n)
         kernels.append([f"{dim} x {vocab}, {n}", f"{tflops:.1f}", f"{speed:.2f}"])
         print(f"kernel {kernels[-1]}", flush=True)
     text = report(args, results, kernels)

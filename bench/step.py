@@ -1,7 +1,7 @@
 """One full training step: SimPO vs DPO with a precomputed reference vs DPO with a live one.
 
 Each variant runs train.py's step on the same small Llama-shaped model (random weights, built
-with `simpo.dist.build_model` like train.py: FSDP2 on one rank, fp32 on CPU) and the same
+with `simpo.fsdp.build_model` like train.py: FSDP2 on one rank, fp32 on CPU) and the same
 pairs (real lengths from ../shared/data/alpaca_eval_prefs.jsonl, Mistral tokenizer, packed
 with the shared prompt into micro-batches of `--max-tokens`): forward through the fused
 log-prob kernel, `compute_loss`, backward, gradient clipping, AdamW. DPO-precompute reads
@@ -45,13 +45,14 @@ from bench.common import (  # noqa: E402
     synthetic_pairs,
     table,
 )
-from simpo.checkpoint import save_hf  # noqa: E402
 from simpo.config import Config  # noqa: E402
-from simpo.dist import Dist, build_model, init_distributed, shutdown  # noqa: E402
-from simpo.losses import compute_loss  # noqa: E402
+from simpo.fsdp import build_model  # noqa: E402
+from simpo.hf import save_hf  # noqa: E402
 from simpo.model import ModelArgs, Transformer  # noqa: E402
 from simpo.packing import plan_micro_batches  # noqa: E402
-from simpo.reference import precompute_reference  # noqa: E402
+from simpo.reference import precompute_reference, reference_for  # noqa: E402
+from simpo.step import train_step  # noqa: E402
+from simpo.world import World, init_world, shutdown  # noqa: E402
 
 VARIANTS = ("simpo", "dpo-precompute", "dpo-live")
 VOCAB = 32000  # the Mistral tokenizer's
@@ -95,7 +96,7 @@ def step_data(args: argparse.Namespace) -> list[list]:
 
 
 def make_step(
-    variant: str, model_dir: Path, d: Dist, steps: list[list], max_tokens: int
+    variant: str, model_dir: Path, world: World, steps: list[list], max_tokens: int
 ) -> tuple[Callable[[int], float], float]:
     """Build what `variant` needs; return (step(k) -> loss of step k, reference precompute s)."""
     cfg = Config()
@@ -106,42 +107,32 @@ def make_step(
     if variant == "dpo-precompute":  # (pairs, 2) sums scored once, before the policy exists
         cache = Path(tempfile.mkdtemp(dir=model_dir.parent))  # fresh: no cache hit
         every_pair = {"train": [p for s in steps for p in s]}
-        table = precompute_reference(model_dir, every_pair, cfg, d, cache)["train"]
+        table = precompute_reference(model_dir, every_pair, cfg, world, cache)["train"]
     elif variant == "dpo-live":  # a frozen second model, as train.py builds it
-        ref_model = build_model(model_dir, d, "fp32", trainable=False)
+        ref_model = build_model(model_dir, world, "fp32", trainable=False)
     precompute_s = time.perf_counter() - t0
-    model = build_model(model_dir, d, "fp32")
+    model = build_model(model_dir, world, "fp32")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     micro = [plan_micro_batches(s, max_tokens) for s in steps]
 
+    reference = reference_for(table, ref_model)
+
     def step(k: int) -> float:  # train.py's step, without logging
-        total = torch.zeros(())
-        for mb in micro[k]:
-            inputs = (mb.input_ids, mb.layout.position_ids, mb.layout, mb.score)
-            policy_sum, policy_count = model(*inputs)  # (2P,) each
-            ref_sum = ref_count = None
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref_sum, ref_count = ref_model(*inputs)
-            elif table is not None:
-                ref_sum, ref_count = table.lookup(mb.pair_index)
-            losses, _ = compute_loss(cfg.loss, policy_sum, policy_count, ref_sum, ref_count)
-            (losses.sum() / len(steps[k])).backward()
-            total += losses.detach().sum()
+        sums = train_step(model, micro[k], cfg.loss, len(steps[k]), world, reference)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(total) / len(steps[k])
+        return float(sums["loss"]) / len(steps[k])
 
     return step, precompute_s
 
 
 def child(args: argparse.Namespace) -> None:
     """One variant alone, for its peak RSS: a warmup step and one more."""
-    d = init_distributed()
+    world = init_world()
     steps = step_data(args)[:2]
     base = rss_gb()
-    step, _ = make_step(args.child, args.work / "model", d, steps, args.max_tokens)
+    step, _ = make_step(args.child, args.work / "model", world, steps, args.max_tokens)
     emit({"base_gb": base, "loss": [step(k) for k in range(len(steps))]})
     del step
     shutdown()
@@ -165,9 +156,9 @@ def main() -> None:
                 sys.exit(f"step: {variant} failed:\n{result.log_tail}")
             memory[variant] = (result.peak_gb, result.peak_gb - result.result["base_gb"])
             print(f"{variant}: peak RSS {result.peak_gb:.2f} GB", flush=True)
-        d = init_distributed()
+        world = init_world()
         steps = step_data(args)
-        built = {v: make_step(v, work / "model", d, steps, args.max_tokens) for v in VARIANTS}
+        built = {v: make_step(v, work / "model", world, steps, args.max_tokens) for v in VARIANTS}
         fns = {v: fn for v, (fn, _) in built.items()}
         times, losses = interleaved_times(fns, warmup=1, repeats=args.repeats)
         precompute_s = built["dpo-precompute"][1]

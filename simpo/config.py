@@ -14,9 +14,20 @@ import difflib
 import json
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# The choices below are each defined once, by the module that implements them.
+from simpo.attention import BACKENDS
+from simpo.data import TRUNCATIONS
+from simpo.fsdp import PRECISIONS
+from simpo.losses import LOSS_TYPES, LOSSES
+from simpo.packing import PACKINGS
+from simpo.readers import FORMATS
+from simpo.reference import REFERENCE_MODES
+from simpo.templates import MASKS, TEMPLATES
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
@@ -29,7 +40,9 @@ class ModelConfig:
     path: str = _f("", "HF-format checkpoint dir (config.json + safetensors); empty = tiny random")
     tokenizer: str = _f("", "tokenizer dir if not inside model.path (tokenizer.model/.json)")
     attention: str = _f(
-        "auto", "attention backend: auto (flex on CUDA, sdpa on CPU)", ("auto", "flex", "sdpa")
+        "auto",
+        "attention backend: auto (flex on CUDA, sdpa on CPU), or dense (reference)",
+        BACKENDS,
     )
     tiny_dim: int = _f(64, "hidden size of the tiny random model built when model.path is empty")
     tiny_layers: int = _f(2, "layers of the tiny random model")
@@ -41,40 +54,32 @@ class DataConfig:
     train: str = _f("", "training preference file (.jsonl, .json, .gz, .parquet)")
     eval: str = _f("", "held-out preference file; empty = split eval_fraction off train")
     eval_fraction: float = _f(0.0, "fraction of train held out for eval when data.eval is empty")
-    format: str = _f(
-        "auto",
-        "row format: messages (UltraFeedback), flat or hh",
-        ("auto", "messages", "flat", "hh"),
-    )
+    format: str = _f("auto", "row format: messages (UltraFeedback), flat or hh", FORMATS)
     prompt_field: str = _f("prompt", "column holding the prompt")
     chosen_field: str = _f("chosen", "column holding the chosen response")
     rejected_field: str = _f("rejected", "column holding the rejected response")
-    template: str = _f(
-        "auto", "chat template", ("auto", "llama3", "gemma", "mistral", "chatml", "qwen2", "zephyr")
-    )
-    mask: str = _f(
-        "official", "official: assistant header in |y|; trl: in prompt", ("official", "trl")
-    )
+    template: str = _f("auto", "chat template", ("auto", *TEMPLATES))
+    mask: str = _f("official", "official: assistant header in |y|; trl: in prompt", MASKS)
     max_length: int = _f(2048, "max tokens of prompt + one response")
     max_prompt_length: int = _f(1800, "max prompt tokens (the response gets what is left)")
-    truncation: str = _f("keep_end", "how to cut a long prompt", ("keep_end", "keep_start"))
+    truncation: str = _f("keep_end", "how to cut a long prompt", TRUNCATIONS)
     max_tokens: int = _f(4096, "tokens per packed row (micro-batch budget)")
-    packing: str = _f("shared_prompt", "row layout", ("shared_prompt", "plain", "padded"))
+    packing: str = _f("shared_prompt", "how pairs share packed rows", PACKINGS)
     num_workers: int = _f(1, "processes for tokenisation")
     cache_dir: str = _f("", "tokenised-data cache dir; empty = <output_dir>/cache")
 
 
 @dataclass
 class LossConfig:
-    name: str = _f("simpo", "loss: simpo, dpo, ipo, hinge, rdpo, orpo, cpo, sft")
+    name: str = _f("simpo", "the preference loss", tuple(LOSSES))
     beta: float = _f(2.0, "β: reward scale (SimPO 2-10, DPO ~0.01-0.1)")
     gamma_beta_ratio: float = _f(0.5, "SimPO target margin as γ/β (official convention)")
     label_smoothing: float = _f(0.0, "ε: label smoothing (cDPO / robust SimPO)")
-    loss_type: str = _f("sigmoid", "SimPO shape", ("sigmoid", "hinge"))
+    loss_type: str = _f("sigmoid", "SimPO shape", LOSS_TYPES)
     sft_weight: float = _f(0.0, "weight of an NLL term on chosen tokens (off by default)")
     rdpo_alpha: float = _f(0.0, "R-DPO α: reward per token of length difference (0 = plain DPO)")
     orpo_lambda: float = _f(0.1, "ORPO λ: weight of the odds-ratio term (TRL calls it beta)")
-    reference: str = _f("precompute", "DPO reference policy", ("precompute", "live"))
+    reference: str = _f("precompute", "DPO reference policy", REFERENCE_MODES)
     reference_path: str = _f("", "reference checkpoint dir; empty = the starting model.path")
 
 
@@ -92,9 +97,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "fraction of steps of linear warmup")
     min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio")
     grad_clip: float = _f(1.0, "max global grad norm; 0 = off")
-    precision: str = _f(
-        "bf16-mixed", "bf16-mixed keeps fp32 master weights", ("bf16-mixed", "fp32", "bf16-pure")
-    )
+    precision: str = _f("bf16-mixed", "bf16-mixed keeps fp32 master weights", PRECISIONS)
     activation_checkpointing: str = _f("auto", "auto = on for CUDA", ("auto", "on", "off"))
     compile: bool = _f(False, "torch.compile each transformer block")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
@@ -107,6 +110,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """eval.py's generation defaults (its own flags; not part of a training run's Config)."""
+
     gen_batch: int = _f(16, "prompts decoded together in eval generation")
     max_new_tokens: int = _f(256, "generation length for eval prompts")
     temperature: float = _f(0.0, "sampling temperature; 0 = greedy")
@@ -119,7 +124,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -184,7 +188,7 @@ def _tname(typ: Any) -> str:
     return getattr(typ, "__name__", str(typ))
 
 
-def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+def _set(cfg: Config, dotted: str, value: Any, source: str, sources: dict[str, str]) -> None:
     sections = [f.name for f in dataclasses.fields(Config)]
     if "." not in dotted:
         raise ConfigError(f"{source}: '{dotted}' must be section.key; sections: {sections}")
@@ -202,11 +206,12 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
     if choices and value not in choices:
         raise ConfigError(f"{source}: {dotted} = {value!r}: {_suggest(value, list(choices))}")
     setattr(sub, key, value)
+    sources[dotted] = source
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the TOML file at `path`, then `--section.key=value` overrides."""
-    cfg = Config()
+    cfg, sources = Config(), {}
     if path:
         path = Path(path)
         if not path.is_file():
@@ -221,16 +226,72 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{path}: top-level '{section}' must be a [section] table")
             if section not in {f.name for f in dataclasses.fields(Config)}:
                 line = _line_of(text, section, "") or ""
-                _set(cfg, f"{section}.?", None, f"{path}{':' if line else ''}{line}")  # raises
+                _set(cfg, f"{section}.?", None, f"{path}{':' if line else ''}{line}", {})  # raises
             for key, value in table.items():
                 line = _line_of(text, section, key)
-                _set(cfg, f"{section}.{key}", value, f"{path}:{line}" if line else str(path))
+                where = f"{path}:{line}" if line else str(path)
+                _set(cfg, f"{section}.{key}", value, where, sources)
     for arg in overrides or []:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"command line: '{arg}': expected --section.key=value")
         dotted, value = arg[2:].split("=", 1)
-        _set(cfg, dotted, value, "command line")
+        _set(cfg, dotted, value, "command line", sources)
+    validate(cfg, sources)
     return cfg
+
+
+# key -> (test, what is expected): values that type-check but make a run meaningless
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.tiny_dim": (lambda v: v >= 16, ">= 16"),
+    "model.tiny_layers": (lambda v: v >= 1, ">= 1"),
+    "model.tiny_vocab": (lambda v: v >= 64, ">= 64"),
+    "data.max_length": (lambda v: v >= 1, ">= 1"),
+    "data.max_prompt_length": (lambda v: v >= 1, ">= 1"),
+    "data.max_tokens": (lambda v: v >= 2, ">= 2"),
+    "data.num_workers": (lambda v: v >= 1, ">= 1"),
+    "data.eval_fraction": (lambda v: 0 <= v < 1, "0 <= x < 1"),
+    "loss.label_smoothing": (lambda v: 0 <= v < 1, "0 <= x < 1"),
+    "loss.sft_weight": (lambda v: v >= 0, ">= 0"),
+    "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.epochs": (lambda v: v >= 1, ">= 1"),
+    "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
+    "train.lr": (lambda v: v > 0, "> 0"),
+    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.adam_beta1": (lambda v: 0 <= v < 1, "0 <= x < 1"),
+    "train.adam_beta2": (lambda v: 0 <= v < 1, "0 <= x < 1"),
+    "train.warmup_ratio": (lambda v: 0 <= v < 1, "0 <= x < 1"),
+    "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "0 <= x <= 1"),
+    "train.grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "train.save_every": (lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    "train.keep_checkpoints": (lambda v: v >= 0, ">= 0 (0 = keep all)"),
+    "train.eval_every": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
+    """Every start-time check of a Config, in one place: train.py, eval.py and bench/ all get
+    them from `load_config`. Raises ConfigError naming where the key was set and a fix."""
+    sources = sources or {}
+
+    def fail(key: str, value: Any, expected: str) -> None:
+        where = sources.get(key, "default")
+        raise ConfigError(f"{where}: {key} = {value!r}: expected {expected}")
+
+    for key, (ok, expected) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            fail(key, value, expected)
+    if cfg.loss.name not in ("sft", "orpo") and cfg.loss.beta <= 0:
+        fail("loss.beta", cfg.loss.beta, f"> 0 ({cfg.loss.name} scales its rewards by β)")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        fail(
+            "data.max_prompt_length", cfg.data.max_prompt_length,
+            f"< data.max_length = {cfg.data.max_length} (the response gets what is left)",
+        )  # fmt: skip
+    if cfg.data.eval and cfg.data.eval_fraction:
+        fail("data.eval_fraction", cfg.data.eval_fraction, "0 when data.eval is set (not both)")
 
 
 def parse_args(argv: list[str]) -> Config:

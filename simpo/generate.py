@@ -126,10 +126,10 @@ def generate(
     for _ in range(max_new_tokens):
         if cache is not None:
             cache.step(step_pos, step_valid)
-            logits = model(step_ids, step_pos, cache=cache)[:, -1]  # (B, V)
+            logits = model(step_ids, cache=cache, position_ids=step_pos)[:, -1]  # (B, V)
         else:
             layout = Layout(torch.where(valid, 0, -1), torch.zeros_like(ids), pos)
-            logits = model(ids, pos, layout)[:, -1]
+            logits = model(ids, layout)[:, -1]
         nxt = _sample(logits, temperature, top_p, gen)  # (B,)
         done |= torch.isin(nxt, stop)
         for i in (~done).nonzero().flatten().tolist():

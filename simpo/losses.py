@@ -237,6 +237,7 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
         p.chosen, p.rejected)),
 ]}
 # fmt: on
+LOSS_TYPES = ("sigmoid", "hinge")  # SimPO's shape (loss.loss_type)
 _SMOOTHED = {"simpo", "dpo", "rdpo", "cpo"}  # losses that use label_smoothing (simpo: sigmoid)
 _DPO_BETA = {"dpo", "ipo", "hinge", "rdpo", "cpo"}  # β of the DPO family (papers: 0.01 … 0.5)
 
@@ -315,7 +316,7 @@ def check_loss_config(cfg: Any, has_reference: bool) -> list[str]:
     Raises ValueError for settings that cannot run (unknown name or loss_type).
     """
     spec = get_loss(cfg.name)
-    if cfg.loss_type not in ("sigmoid", "hinge"):
+    if cfg.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss.loss_type must be 'sigmoid' or 'hinge', got {cfg.loss_type!r}")
     out = []
     if spec.name == "simpo" and cfg.beta < 0.5:

@@ -14,22 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from simpo.attention import Layout
-from simpo.dist import all_reduce
-from simpo.hf_config import ModelArgs
+from simpo.model import ModelArgs
+from simpo.world import all_reduce
 
 # Dense bf16 peak FLOP/s by device-name substring (vendor datasheets, no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 
 
-def reduce_sums(values: dict[str, float], op: str = "sum") -> dict[str, float]:
-    """Sum (or max) each value over all ranks in one collective."""
+def reduce_scalars(values: dict[str, float | Tensor], op: str = "sum") -> dict[str, float]:
+    """Each value summed (op="sum") or maximised (op="max") over all ranks, in one collective
+    and one host synchronisation (values may be 0-dim tensors still on the device)."""
     if not values:
         return {}
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    t = t.cuda() if torch.cuda.is_available() else t  # NCCL reduces CUDA tensors only
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values.values()])
     all_reduce(t, torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
     return dict(zip(values, t.tolist(), strict=True))
 

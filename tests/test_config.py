@@ -1,5 +1,6 @@
 """Config parsing: defaults, TOML file, CLI overrides, round trip, and every error case."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,40 @@ def test_help_lists_every_key_with_help():
     for section, sub in vars(Config()).items():
         for key in vars(sub):
             assert f"{section}.{key} " in text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--loss.beta=0", r"command line: loss.beta = 0.0: expected > 0"),
+        ("--loss.beta=-2", r"loss.beta = -2.0: expected > 0"),
+        ("--train.lr=-1", r"train.lr = -1.0: expected > 0"),
+        ("--train.log_every=0", r"train.log_every = 0: expected >= 1"),
+        ("--train.warmup_ratio=1.5", r"train.warmup_ratio = 1.5: expected 0 <= x < 1"),
+        ("--data.max_prompt_length=4096", r"max_prompt_length = 4096: expected < data.max_len"),
+        ("--data.max_tokens=0", r"data.max_tokens = 0: expected >= 2"),
+    ],
+)
+def test_values_that_make_a_run_meaningless_fail_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_range_errors_name_the_file_line(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nseed = 1\nlr = 0.0\n")
+    with pytest.raises(ConfigError, match=rf"{path}:3: train.lr = 0.0: expected > 0"):
+        load_config(path)
+    load_config(None, ["--loss.name=sft", "--loss.beta=0"])  # SFT has no β: accepted
+
+
+def test_choices_come_from_the_modules_that_implement_them():
+    from simpo.attention import BACKENDS
+    from simpo.packing import PACKINGS
+    from simpo.templates import TEMPLATES
+
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config().data)}
+    assert choices["packing"] == PACKINGS and set(TEMPLATES) < set(choices["template"])
+    model_choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config().model)}
+    assert model_choices["attention"] == BACKENDS
+    assert "[eval]" not in help_text()  # eval.py's flags are its own

@@ -221,6 +221,10 @@ def test_nothing_usable_raises_naming_the_file(tok, tmp_path):
         ([1, 2, 3, 4, 5, 6], [R], 8, 4, "keep_end", 0, ([3, 4, 5, 6], [R], 1, [0])),
         ([1, 2, 3, 4, 5, 6], [R * 5], 8, 4, "keep_start", 1, ([1, 2, 3, 4], [R * 4], 1, [1])),
         ([1, 2, 3], [R * 5], 4, 3, "keep_end", 1, ([1, 2, 3], [R], 0, [1])),
+        # the boundary: a response of exactly the budget (8 - 2 = 6) fits and is not cut; one
+        # more token is cut (the "cut" flag feeds the truncated_* counters)
+        ([1, 5], [R * 6, R * 7], 8, 6, "keep_end", 1, ([1, 5], [R * 6, R * 6], 0, [0, 1])),
+        ([1, 2, 3, 4], [R * 4, R * 5], 7, 3, "keep_start", 1, ([1, 2, 3], [R * 4] * 2, 1, [0, 1])),
     ],
 )
 def test_truncate_pair(prompt, responses, max_len, max_prompt, mode, keep_first, expected):

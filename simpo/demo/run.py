@@ -3,8 +3,8 @@
     python -m simpo.demo --out demo_out            # about 5 minutes on 2 CPU cores
     python -m simpo.demo --out /tmp/d --quick      # the shortened run the tests use
 
-1. writes the synthetic task (simpo/synthetic.py): training pairs and held-out pairs;
-2. trains a SentencePiece tokenizer on it and builds a random tiny Llama (simpo/tiny.py);
+1. writes the synthetic task (simpo/demo/synthetic.py): training pairs and held-out pairs;
+2. trains a SentencePiece tokenizer on it and builds a random tiny Llama (simpo/demo/tiny.py);
 3. SFT on the chosen answers (train.py with loss.name=sft);
 4. SimPO from the SFT checkpoint, and DPO from the same checkpoint for comparison;
 5. eval.py on the held-out pairs for all three: preference accuracy under SimPO's reward,
@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
+from simpo.demo.synthetic import final_answer, write_synthetic_prefs
+from simpo.demo.tiny import build_tiny_model_dir, texts_from_file
 from simpo.report import write_demo_report
-from simpo.synthetic import final_answer, write_synthetic_prefs
-from simpo.tiny import build_tiny_model_dir, texts_from_file
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, eval.py, configs/
+ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, eval.py, configs/
 CONFIG = ROOT / "configs" / "tiny-cpu.toml"
 STAGES = ("data", "base", "sft", "simpo", "dpo", "eval")  # sub-directories the demo owns
 
@@ -238,7 +238,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_demo_report(results, out)
     print(summary(results, out), flush=True)
     return results
-
-
-if __name__ == "__main__":
-    main()
