@@ -105,11 +105,12 @@ def report(args: argparse.Namespace, sides: dict[str, list[ChildResult]], tokens
         tok_s, tok_cpu = sum(timed) / median(wall), sum(timed) / median(cpu)
         stats[side] = (tok_s, tok_cpu, peak, done[0]["loss0"])
         step_wall = [t for d in done for t in d["wall"]]
+        above = peak - max(d["base_gb"] for d in done)  # RSS after imports, before the model
         rows.append([side, f"{tok_s:.0f}", f"{tok_cpu:.0f}", spread(step_wall),
                      f"{args.pairs_per_step / median(step_wall):.3f}", f"{peak:.2f}",
-                     f"{done[0]['loss0']:.6f}"])  # fmt: skip
+                     f"{above:.2f}", f"{done[0]['loss0']:.6f}"])  # fmt: skip
     headers = ["side", "tokens/s (wall)", "tokens/CPU-s", "step s median [min-max]"]
-    headers += ["pairs/s", "peak RSS GB", "loss (1st batch)"]
+    headers += ["pairs/s", "peak RSS GB", "above baseline GB", "loss (1st batch)"]
     print("\n" + table(headers, rows))
     print(
         f"\nSmolLM2-135M-Instruct fp32, B = {args.pairs_per_step} pairs/step, max_length "
@@ -140,9 +141,13 @@ def main() -> None:
     if why:
         print(f"real_model: SKIPPED: {why}")
         return
-    from simpo.fetch import cache_dir, fetch
+    from simpo.fetch import DownloadError, cache_dir, fetch
 
-    model = fetch("smollm2", cache_dir() / "models" / "smollm2")
+    try:
+        model = fetch("smollm2", cache_dir() / "models" / "smollm2")
+    except DownloadError as e:
+        print(f"real_model: SKIPPED: {e}")
+        return
     print(f"# real_model  ({machine()})", flush=True)
     sides: dict[str, list[ChildResult]] = {"trl": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:

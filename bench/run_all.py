@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("kernel.py", "packing.py", "step.py", "vs_trl.py")
+SCRIPTS = ("kernel.py", "packing.py", "step.py", "vs_trl.py", "real_model.py")
 
 
 def run(script: str) -> tuple[int, str, float]:
