@@ -15,44 +15,54 @@ the number of ranks. Writes metrics.jsonl, config.toml, checkpoints/step_N/ and 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from simpo import exits
 from simpo.checkpoint import (
     TrainingError,
-    check_resumable,
+    choose_checkpoint,
+    export_final,
     latest_checkpoint,
-    load_checkpoint,
     prepare_output_dir,
     save_checkpoint,
     sigterm_flag,
 )
-from simpo.config import Config, ConfigError, parse_args, to_toml
+from simpo.config import Config, ConfigError, check_data_fits, parse_args, to_toml
 from simpo.data import DataError, load_datasets
 from simpo.demo.tiny import fill_in_defaults
 from simpo.fsdp import build_model
-from simpo.hf import save_hf
+from simpo.hf import ModelFileError
 from simpo.losses import check_loss_config, get_loss
 from simpo.metrics import (
-    MetricsWriter,
     matmul_params,
     peak_flops,
     peak_mem_gb,
     reduce_scalars,
     train_flops,
 )
+from simpo.model_card import write_model_card
 from simpo.packing import plan_micro_batches
+from simpo.progress import progress_bar
 from simpo.reference import precompute_reference, reference_for
+from simpo.resume import (
+    check_resumable,
+    data_identity,
+    out_of_memory,
+    record_overrides,
+    resume_changes,
+    resume_state,
+)
+from simpo.runfiles import FolderInUseError, WriteError, release_folders, write_atomic
 from simpo.sampler import epoch_of, global_batch, steps_for
 from simpo.schedule import lr_at
 from simpo.scoring import heldout_metrics
 from simpo.step import train_step
 from simpo.tokenizer import Tokenizer, TokenizerError
+from simpo.trackers import check_trackers, open_trackers
 from simpo.world import World, init_world, print0, shutdown, unwrap_norm
 
 BF16_PURE_WARNING = (
@@ -73,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except BaseException:
         shutdown(clean=False)  # other ranks may never reach a barrier
         raise
+    finally:
+        release_folders()  # the output_dir lock (also dropped by the OS if we die)
     shutdown()  # train() has returned: no model or optimizer is referenced any more
     return result
 
@@ -85,15 +97,19 @@ def train(cfg: Config, world: World) -> dict[str, float]:
         print0(f"warning: {BF16_PURE_WARNING}")
     torch.manual_seed(tc.seed)
     out = Path(tc.output_dir)
-    prepare_output_dir(out, tc.resume)  # writable, and no stale checkpoints on a fresh run
+    check_trackers(tc.report_to)  # a missing wandb / tensorboard fails now, not after loading
+    prepare_output_dir(out, tc.resume)  # writable, ours alone, no stale checkpoints if fresh
     ckpt_root = out / "checkpoints"
-    latest = latest_checkpoint(ckpt_root) if tc.resume else None
+    latest = choose_checkpoint(ckpt_root) if tc.resume else None  # newest readable one
     start_step = check_resumable(latest, cfg) if latest else 0  # before any expensive work
 
     # --- data: tokenised once by rank 0 (which fills the cache), then read by the others ---
     model_dir, data_cfg = fill_in_defaults(cfg, out, world.is_main)  # tiny demo inputs if empty
     tokenizer_dir = Path(cfg.model.tokenizer or model_dir)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    identity = data_identity(data_cfg.train, tokenizer.fingerprint)  # checked on resume
+    if latest is not None:
+        check_resumable(latest, cfg, identity)
     if world.is_main:
         pairs, eval_pairs, reports = load_datasets(data_cfg, tokenizer, tc.seed)
     torch.distributed.barrier()
@@ -101,6 +117,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
         pairs, eval_pairs, reports = load_datasets(data_cfg, tokenizer, tc.seed, progress=False)
     for report in reports:
         print0(report.summary())
+    check_data_fits(cfg, [(data_cfg.train, pairs), (data_cfg.eval or data_cfg.train, eval_pairs)])
     if tc.batch_size > len(pairs):
         raise ConfigError(
             f"train.batch_size = {tc.batch_size} exceeds the {len(pairs)} training pairs of "
@@ -135,12 +152,14 @@ def train(cfg: Config, world: World) -> dict[str, float]:
         weight_decay=0.0,
         fused=world.device.type == "cuda",
     )
-    if latest is not None:
-        load_checkpoint(latest, model, optimizer)
+    if latest is not None:  # an unreadable one is skipped for the one before it
+        latest, start_step = resume_state(latest, cfg, model, optimizer, identity)
         print0(f"resumed from {latest} at step {start_step}")
     if world.is_main:
-        (out / "config.toml").write_text(to_toml(cfg))
-    writer = MetricsWriter(out / "metrics.jsonl", world.is_main, start_step if latest else None)
+        write_atomic(out / "config.toml", to_toml(cfg))
+    writer = open_trackers(cfg, out, world.is_main, start_step if latest else None)
+    if latest is not None:  # keys changed under train.resume_override: said and logged
+        record_overrides(out, cfg, start_step, resume_changes(latest, cfg, identity))
     print0(
         f"{spec.name}: {len(pairs)} train / {len(eval_pairs)} eval pairs, {total} steps of "
         f"{tc.batch_size} pairs, {world.world_size} x {world.device.type}, {tc.precision}, "
@@ -148,19 +167,22 @@ def train(cfg: Config, world: World) -> dict[str, float]:
     )
 
     n_matmul, peak = matmul_params(model), peak_flops(world.device)
-    bar = tqdm(total=total, initial=start_step, disable=not world.is_main, desc=spec.name)
+    bar = progress_bar(total=total, initial=start_step, disable=not world.is_main, desc=spec.name)
     record: dict[str, float] = {}
     with sigterm_flag() as stop:  # preemption: finish the step, save a checkpoint, return
         for step in range(start_step, total):
             t0 = time.perf_counter()
-            lr = lr_at(step, total, tc.lr, tc.warmup_ratio, tc.min_lr_ratio)
+            lr = lr_at(step, total, tc.lr, tc.warmup_ratio, tc.min_lr_ratio, tc.warmup_style)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = global_batch(pairs, step, tc.batch_size, tc.seed)  # same on every rank
             micro = plan_micro_batches(
                 batch, cfg.data.max_tokens, world.world_size, world.rank, cfg.data.packing
             )  # this rank's share; all ranks get as many micro-batches (some maybe empty)
-            sums = train_step(model, micro, cfg.loss, tc.batch_size, world, reference)
+            try:
+                sums = train_step(model, micro, cfg.loss, tc.batch_size, world, reference)
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(step + 1, cfg, latest_checkpoint(ckpt_root)) from e
             max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
             grad_norm = unwrap_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             totals = reduce_scalars(
@@ -171,8 +193,8 @@ def train(cfg: Config, world: World) -> dict[str, float]:
                 raise TrainingError(
                     f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                     f"stopped before the update. Last good checkpoint: "
-                    f"{latest_checkpoint(ckpt_root) or 'none'} (resume with --train.resume=true, "
-                    "perhaps with a lower train.lr)"
+                    f"{latest_checkpoint(ckpt_root) or 'none'}. To go on with a lower learning "
+                    "rate: --train.resume=true --train.resume_override=train.lr --train.lr=..."
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -199,28 +221,37 @@ def train(cfg: Config, world: World) -> dict[str, float]:
             )
             bar.update(1)
             if totals["stop"]:
-                path = save_checkpoint(ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints)
+                path = save_checkpoint(
+                    ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints, identity
+                )
                 bar.close()
+                writer.close()
                 print0(f"SIGTERM: saved {path} after step {done}; resume with --train.resume=true")
                 return record | {"interrupted": 1.0}
             if tc.save_every > 0 and done % tc.save_every == 0 and done < total:
-                save_checkpoint(ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints)
+                save_checkpoint(
+                    ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints, identity
+                )
     bar.close()
+    writer.close()
 
     if start_step < total or latest_checkpoint(ckpt_root) is None:
-        save_checkpoint(ckpt_root, total, model, optimizer, cfg, tc.keep_checkpoints)
+        save_checkpoint(ckpt_root, total, model, optimizer, cfg, tc.keep_checkpoints, identity)
     if tc.export:
         dtype = getattr(torch, model.args.dtype, torch.float32)  # the checkpoint's own dtype
-        save_hf(model, out / "final", tokenizer_dir=tokenizer_dir, dtype=dtype)
+        export_final(model, out / "final", tokenizer_dir, dtype)  # complete, or the old one
+        if world.is_main:  # final/README.md: what a hub reader needs to trust the weights
+            write_model_card(
+                out / "final", cfg, model_dir=model_dir, data_cfg=data_cfg, reports=reports,
+                steps=total, world_size=world.world_size, metrics=record,
+            )  # fmt: skip
         print0(f"exported {out / 'final'} (Hugging Face format)")
     return record
 
 
+# How the script ends (simpo/exits.py): one line per error; these exit 2, those 1.
+USAGE_ERRORS = (ConfigError, FolderInUseError)
+RUN_ERRORS = (DataError, TokenizerError, ModelFileError, TrainingError, WriteError)
+
 if __name__ == "__main__":
-    try:
-        result = main()
-    except (ConfigError, DataError, TokenizerError, TrainingError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    sys.exit(143 if result.get("interrupted") else 0)
+    sys.exit(exits.run(main, USAGE_ERRORS, RUN_ERRORS))

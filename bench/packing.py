@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import MISTRAL_SPM, PREFS, machine, table  # noqa: E402
+from bench.common import MISTRAL_SIMPO, MISTRAL_SPM, PREFS, machine, table  # noqa: E402
 from simpo.config import DataConfig  # noqa: E402
 from simpo.data import TokenizedPair, load_pairs  # noqa: E402
 from simpo.losses import simpo_loss  # noqa: E402
@@ -36,7 +36,9 @@ BETA, GAMMA_BETA_RATIO = 2.0, 0.8  # the Mistral-7B base recipe
 
 def sample_pairs(n: int, seed: int) -> list[TokenizedPair]:
     """`n` pairs drawn at random (fixed seed) from the file, tokenised as training does."""
-    cfg = DataConfig(template="mistral", max_length=1024, max_prompt_length=512, num_workers=2)
+    cfg = DataConfig(
+        chat_template=str(MISTRAL_SIMPO), max_length=1024, max_prompt_length=512, num_workers=2
+    )
     pairs, _ = load_pairs(PREFS, Tokenizer.from_dir(MISTRAL_SPM), cfg, progress=False)
     return random.Random(seed).sample(pairs, n)
 

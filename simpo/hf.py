@@ -31,6 +31,11 @@ from torch.distributed.tensor import DTensor
 from simpo.model import FULL, SLIDING, ModelArgs, Transformer
 from simpo.world import copy_full_
 
+
+class ModelFileError(ValueError):
+    """A checkpoint's config.json or weights that cannot be used; the message names the file."""
+
+
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -95,16 +100,16 @@ def _rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     if rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"{where}: field 'partial_rotary_factor' != 1 is not supported")
+        raise ModelFileError(f"{where}: field 'partial_rotary_factor' != 1 is not supported")
     max_pos = int(cfg.get("max_position_embeddings", 4096))
     if rope_type not in ROPE_FIELDS:
-        raise ValueError(
+        raise ModelFileError(
             f"{where}: field '{rope_key}.rope_type' = {rope_type!r} is not supported "
             f"(supported: {', '.join(ROPE_FIELDS)})"
         )
     for key in ROPE_FIELDS[rope_type]:
         if key not in rope:
-            raise ValueError(f"{where}: field '{rope_key}.{key}' is missing")
+            raise ModelFileError(f"{where}: field '{rope_key}.{key}' is missing")
     scaling = {"rope_type": rope_type, **{k: float(rope[k]) for k in ROPE_FIELDS[rope_type]}}
     if rope_type == "llama3":
         scaling["original_max_position_embeddings"] = int(
@@ -129,7 +134,7 @@ def _layer_types(fam: Family, cfg: dict[str, Any], n_layers: int, where: str) ->
         }[fam.windows]
         types = [SLIDING if slides(i) else FULL for i in range(n_layers)]
     if len(types) != n_layers or any(t not in (SLIDING, FULL) for t in types):
-        raise ValueError(f"{where}: field 'layer_types' = {types!r} is not supported")
+        raise ModelFileError(f"{where}: field 'layer_types' = {types!r} is not supported")
     if window is None or fam.windows == "none":
         return None, (FULL,) * n_layers
     return int(window), tuple(types)
@@ -146,27 +151,27 @@ def read_hf_config(src: str | Path | dict[str, Any]) -> ModelArgs:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{path}: no such file (a checkpoint needs config.json)") from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+            raise ModelFileError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(cfg, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+            raise ModelFileError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
 
     def need(key: str) -> Any:
         if cfg.get(key) is None:
-            raise ValueError(f"{where}: required field '{key}' is missing")
+            raise ModelFileError(f"{where}: required field '{key}' is missing")
         return cfg[key]
 
     name = cfg.get("model_type")
     if name not in FAMILIES:
-        raise ValueError(
+        raise ModelFileError(
             f"{where}: field 'model_type' is {name!r}; supported: {', '.join(FAMILIES)}"
         )
     fam = FAMILIES[name]
     act_key = "hidden_activation" if cfg.get("hidden_activation") else "hidden_act"
     act = cfg.get(act_key) or ("gelu_pytorch_tanh" if fam.gemma else "silu")
     if act not in (("gelu_pytorch_tanh", "gelu") if fam.gemma else ("silu",)):
-        raise ValueError(f"{where}: field '{act_key}' = {act!r} is not supported for {name}")
+        raise ModelFileError(f"{where}: field '{act_key}' = {act!r} is not supported for {name}")
     if cfg.get("use_bidirectional_attention"):
-        raise ValueError(f"{where}: field 'use_bidirectional_attention' is not supported")
+        raise ModelFileError(f"{where}: field 'use_bidirectional_attention' is not supported")
     theta, scaling, max_pos = _rope(cfg, where)
     n_layers = int(need("num_hidden_layers"))
     window, types = _layer_types(fam, cfg, n_layers, where)
@@ -259,7 +264,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
             if not isinstance(weight_map, dict):
                 raise TypeError("'weight_map' is not an object")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
+            raise ModelFileError(
                 f"{index}: corrupt index ({e!r}); expected JSON with a 'weight_map' object"
             ) from e
         files = {name: path / str(file) for name, file in weight_map.items()}
@@ -278,7 +283,7 @@ def _open(file: Path) -> safe_open:
     try:
         return safe_open(file, framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+        raise ModelFileError(f"{file}: not a readable safetensors file ({e})") from e
 
 
 def load_state_into(model: nn.Module, path: str | Path) -> None:
@@ -294,10 +299,10 @@ def load_state_into(model: nn.Module, path: str | Path) -> None:
     stored = {n for n in files if not n.endswith(IGNORED_SUFFIXES) and n not in skip}
     missing, unexpected = sorted(params.keys() - stored), sorted(stored - params.keys())
     if missing:
-        raise ValueError(f"{path}: checkpoint is missing tensor(s): {', '.join(missing)}")
+        raise ModelFileError(f"{path}: checkpoint is missing tensor(s): {', '.join(missing)}")
     if unexpected:
         where = ", ".join(f"{n} (in {files[n].name})" for n in unexpected)
-        raise ValueError(f"{path}: checkpoint has unexpected tensor(s): {where}")
+        raise ModelFileError(f"{path}: checkpoint has unexpected tensor(s): {where}")
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in sorted(stored):
         by_file[files[name]].append(name)
@@ -306,15 +311,19 @@ def load_state_into(model: nn.Module, path: str | Path) -> None:
             keys = set(f.keys())
             for name in names:
                 if name not in keys:
-                    raise ValueError(f"{file}: the index maps tensor {name} here, but it is absent")
+                    raise ModelFileError(
+                        f"{file}: the index maps tensor {name} here, but it is absent"
+                    )
                 shape = tuple(f.get_slice(name).get_shape())
                 want = tuple(params[name].shape)
                 if shape != want:
-                    raise ValueError(f"{file}: tensor {name} has shape {shape}, expected {want}")
+                    raise ModelFileError(
+                        f"{file}: tensor {name} has shape {shape}, expected {want}"
+                    )
                 try:
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:  # a truncated file fails here
-                    raise ValueError(f"{file}: tensor {name} is unreadable ({e})") from e
+                    raise ModelFileError(f"{file}: tensor {name} is unreadable ({e})") from e
                 copy_full_(params[name], tensor)
 
 

@@ -86,6 +86,7 @@ class _ResponseLogprobs(torch.autograd.Function):
         num_responses: int,
         softcap: float | None,
         chunk_size: int,
+        logit_sums: Tensor | None,
     ) -> Tensor:
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for gradcheck
         n, vocab = targets.shape[0], weight.shape[0]
@@ -96,6 +97,8 @@ class _ResponseLogprobs(torch.autograd.Function):
             e = min(s + chunk_size, n)
             z = _softcap_(_logits(hidden[hidden_index[s:e]], weight, buf[: e - s]), softcap)
             target_logit = z.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
+            if logit_sums is not None:  # the official trainer's logits/* metric (no gradient)
+                logit_sums.index_add_(0, response_ids[s:e], z.mean(dim=1).to(logit_sums.dtype))
             # logsumexp in place: z is not needed afterwards, so no second (c, V) block
             zmax = z.amax(dim=1)  # (c,)
             lse[s:e] = zmax + z.sub_(zmax[:, None]).exp_().sum(dim=1).log_()
@@ -142,7 +145,7 @@ class _ResponseLogprobs(torch.autograd.Function):
                 grad_weight.add_(dz.t() @ h)  # low precision GEMM, fp32 accumulation across chunks
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def response_logprobs(
@@ -154,6 +157,7 @@ def response_logprobs(
     num_responses: int,
     softcap: float | None = None,
     chunk_size: int = 1024,
+    logit_sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sum of token log-probs and token count per response, without an (N, V) tensor.
 
@@ -165,6 +169,11 @@ def response_logprobs(
         softcap: Gemma-2 `final_logit_softcapping`, applied before the log-softmax.
         chunk_size: scored tokens per block; peak extra memory is about
             chunk_size x V x 4 bytes (x2 in the backward with a soft-cap).
+        logit_sums: optional (R,) tensor; gets, per response, the sum over its scored tokens
+            of the mean logit over the vocabulary (soft-capped), added in place without a
+            gradient. Divided by the token count this is the official SimPO trainer's
+            `logits/chosen` / `logits/rejected` restricted to response positions (it averages
+            `logits.mean()` over the whole padded batch, prompt and padding positions included).
 
     Returns:
         sum (R,) and count (R,), fp32 (fp64 for fp64 inputs). Only `sum` is differentiable;
@@ -175,9 +184,12 @@ def response_logprobs(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if logit_sums is not None and logit_sums.shape != (num_responses,):
+        raise ValueError(f"logit_sums must have shape ({num_responses},)")
     sums = _ResponseLogprobs.apply(
-        hidden, weight, hidden_index, targets, response_ids, num_responses, softcap, chunk_size
-    )
+        hidden, weight, hidden_index, targets, response_ids, num_responses, softcap, chunk_size,
+        logit_sums,
+    )  # fmt: skip
     return sums, _counts(response_ids, num_responses, sums.dtype)
 
 

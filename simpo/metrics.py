@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from simpo.attention import Layout
 from simpo.model import ModelArgs
+from simpo.runfiles import append_line, restart_jsonl
 from simpo.world import all_reduce
 
 # Dense bf16 peak FLOP/s by device-name substring (vendor datasheets, no sparsity).
@@ -78,21 +79,18 @@ class MetricsWriter:
     """Appends one JSON object per step to `<output_dir>/metrics.jsonl` (rank 0 only).
 
     On resume, records after the resumed step (written before the crash, then redone) are
-    dropped so the file reads as one uninterrupted run.
+    dropped so the file reads as one uninterrupted run, and so is a torn last line (see
+    simpo.runfiles.restart_jsonl, which says so); the file is rewritten atomically.
     """
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path, self.enabled = path, enabled
         if not enabled:
             return
-        kept = []
-        if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                    kept.append(line + "\n")
-        path.write_text("".join(kept))
+        keep = None if resume_step is None else (lambda r: r.get("step", 0) <= resume_step)
+        for note in restart_jsonl(path, keep):
+            print(f"warning: {note}", flush=True)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))

@@ -146,3 +146,45 @@ def test_choices_come_from_the_modules_that_implement_them():
     model_choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config().model)}
     assert model_choices["attention"] == BACKENDS
     assert "[eval]" not in help_text()  # eval.py's flags are its own
+
+
+def test_report_to_is_a_list_from_toml_or_the_command_line(tmp_path):
+    assert load_config().train.report_to == ["jsonl"]
+    assert Config().train.report_to is not Config().train.report_to  # no shared default list
+    path = write(tmp_path, '[train]\nreport_to = ["jsonl", "tensorboard"]\n')
+    assert load_config(path).train.report_to == ["jsonl", "tensorboard"]
+    cli = load_config(path, ["--train.report_to=wandb, jsonl"]).train.report_to
+    assert cli == ["wandb", "jsonl"]  # CLI wins; spaces around commas are dropped
+    assert load_config(None, ['--train.report_to=["wandb"]']).train.report_to == ["wandb"]
+    assert load_config(None, ["--train.report_to="]).train.report_to == []  # nothing at all
+    assert load_config(write(tmp_path, '[train]\nreport_to = "wandb"\n')).train.report_to == [
+        "wandb"
+    ]  # a single string in TOML, as TRL's report_to="wandb"
+
+
+def test_report_to_round_trips_and_is_listed_in_help(tmp_path):
+    cfg = load_config(None, ["--train.report_to=tensorboard,wandb"])
+    text = to_toml(cfg)
+    assert 'report_to = ["tensorboard", "wandb"]' in text
+    assert load_config(write(tmp_path, text)) == cfg
+    assert "train.report_to = ['jsonl']" in help_text()
+
+
+def test_report_to_errors_name_the_source_and_the_valid_values(tmp_path):
+    expected = (
+        r"command line: train.report_to = \['wandb', 'tensorbord'\]: "
+        r"valid: jsonl, wandb, tensorboard. Did you mean 'tensorboard'"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["--train.report_to=wandb,tensorbord"])
+    path = write(tmp_path, "[train]\nreport_to = [1, 2]\n")
+    with pytest.raises(
+        ConfigError, match=rf"{path}:2: train.report_to = \[1, 2\]: expected a list"
+    ):
+        load_config(path)
+    with pytest.raises(ConfigError, match="names a value twice"):
+        load_config(None, ["--train.report_to=jsonl,jsonl"])
+    with pytest.raises(ConfigError, match="expected a list of non-empty strings"):
+        load_config(None, ["--train.report_to=jsonl,,wandb"])
+    with pytest.raises(ConfigError, match=r"expected a list of strings, e.g. a,b"):
+        load_config(None, ['--train.report_to=["jsonl"'])

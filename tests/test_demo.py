@@ -33,7 +33,8 @@ def test_report_shows_tables_answers_and_charts(quick, capsys):
     report = (out / "report.md").read_text()
     for name in ("SFT", "SimPO", "DPO"):
         assert f"| {name} |" in report
-    for chart in ("loss.svg", "heldout_accuracy.svg", "margins.svg"):
+    standard = ("loss", "margins", "accuracies", "logps", "lr", "grad_norm", "tokens_per_s")
+    for chart in ("heldout_accuracy.svg", *(f"{s}.svg" for s in standard)):  # simpo.report's
         assert f"]({chart})" in report
         ET.parse(out / chart)  # well-formed SVG
     shown = [a for n in ("SFT", "SimPO", "DPO") for a in results["answers"][n][:8]]

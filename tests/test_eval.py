@@ -242,6 +242,7 @@ def test_real_alpaca_eval_prefs_with_the_mistral_tokenizer(tmp_path):
     subset.write_text("\n".join(lines) + "\n")
     argv = ["--model", str(model_dir), "--data", str(subset), "--out", str(tmp_path / "out")]
     argv += ["--max-length", "512", "--max-prompt-length", "256", "--limit", "16", "--quiet"]
+    argv += ["--chat-template", str(ROOT / "configs" / "templates" / "mistral-simpo.jinja")]
     m = ev.main([*argv, "--num-prompts", "2", "--max-new-tokens", "3"])
     assert m["num_pairs"] == 16 and m["num_skipped"] == 0
     assert m["length_chosen"] > m["length_rejected"]  # as the data

@@ -234,7 +234,7 @@ RECIPES = {
     "llama3-8b-base-simpo": ("simpo", 2.0, 0.5, 6e-7, 2048, 1800),
     "llama3-8b-instruct-simpo": ("simpo", 10.0, 0.3, 1e-6, 2048, 1800),
     "gemma2-9b-it-simpo": ("simpo", 10.0, 0.5, 8e-7, 2048, 1800),
-    "llama3-8b-instruct-dpo": ("dpo", 0.01, None, 7e-7, 2048, 1800),
+    "llama3-8b-instruct-dpo": ("dpo", 0.01, None, 3e-7, 2048, 1800),
     "gemma2-9b-it-dpo": ("dpo", 0.01, None, 5e-7, 2048, 1800),
     "llama3-8b-base-sft": ("sft", None, None, 2e-5, 2048, 1800),
 }

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
+from simpo.demo.report import write_demo_report
 from simpo.demo.synthetic import final_answer, write_synthetic_prefs
 from simpo.demo.tiny import build_tiny_model_dir, texts_from_file
-from simpo.report import write_demo_report
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, eval.py, configs/
 CONFIG = ROOT / "configs" / "tiny-cpu.toml"

@@ -18,6 +18,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from simpo.runfiles import write_atomic
+
 # Probability that the chosen / rejected response is padded with filler sentences.
 P_VERBOSE_CHOSEN = 0.6
 P_VERBOSE_REJECTED = 0.4
@@ -160,7 +162,6 @@ def write_synthetic_prefs(path: str | Path, num_pairs: int, seed: int) -> Path:
     """Write `num_pairs` synthetic preference rows as jsonl to `path` (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in synthetic_rows(num_pairs, seed):
-            f.write(json.dumps(row) + "\n")
+    text = "".join(json.dumps(row) + "\n" for row in synthetic_rows(num_pairs, seed))
+    write_atomic(path, text)  # a run killed here must not leave a shorter data file to reuse
     return path
