@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from simpo.report import COLORS, curve, line_chart, markdown_table, read_jsonl
+from simpo.demo.report import COLORS as DEMO_COLORS
+from simpo.report import curve, markdown_table, read_jsonl
+from simpo.svg import line_chart
 
-COLORS = {**COLORS, "SmolLM2": COLORS["SFT"]}
+COLORS = {**DEMO_COLORS, "SmolLM2": DEMO_COLORS["SFT"]}
 
 
 def _pct(x: float | None) -> str:
