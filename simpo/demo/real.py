@@ -192,11 +192,19 @@ def collect(out: Path) -> dict[str, Any]:
     plan = Plan(**{**state["plan"], "methods": tuple(state["plan"]["methods"])})
     names = state["done"]
     metrics = {n: json.loads((out / "eval" / n / "metrics.json").read_text()) for n in names}
-    return state | {
-        "metrics": metrics,
-        "dpo_view": {n: dpo_view(out, n, plan) for n in names[1:]},
-        "answers": {n: answers(out, n) for n in names},
-    }
+    lengths = [r["length"] for r in read_jsonl(out / "eval" / names[0] / "scores.jsonl")]
+    return (
+        state
+        | {
+            "metrics": metrics,
+            "longer": {  # how many held-out pairs have the chosen / the rejected answer longer
+                "chosen": sum(c > r for c, r in lengths),
+                "rejected": sum(r > c for c, r in lengths),
+            },
+            "dpo_view": {n: dpo_view(out, n, plan) for n in names[1:]},
+            "answers": {n: answers(out, n) for n in names},
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -34,8 +34,11 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     for file, (key, title, ylabel) in charts.items() if runs else ():
         series = {n: curve(runs[n], key) for n in runs}
         (out / file).write_text(line_chart(series, title, "step", ylabel, colors=COLORS))
+    longer = results["longer"]
+    chosen_longer = f"chosen longer ({longer['chosen']} pairs)"
+    rejected_longer = f"rejected longer ({longer['rejected']} pairs)"
     overview = markdown_table(
-        ["model", "accuracy", "margin", "chosen longer", "rejected longer",
+        ["model", "accuracy", "margin", chosen_longer, rejected_longer,
          "corr(reward, length)", "logp/token chosen", "logp/token rejected",
          "answer tokens (mean)", "answers cut at max"],
         [[n, _pct(m[n]["accuracy"]), _num(m[n]["margin"]),
@@ -46,7 +49,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     )  # fmt: skip
     dpo = results["dpo_view"]
     dpo_table = markdown_table(
-        ["model", "accuracy (DPO reward)", "margin", "chosen longer", "rejected longer",
+        ["model", "accuracy (DPO reward)", "margin", chosen_longer, rejected_longer,
          "corr(reward, length)"],
         [[n, _pct(dpo[n]["accuracy"]), _num(dpo[n]["margin"]),
           _pct(dpo[n]["accuracy_chosen_longer"]), _pct(dpo[n]["accuracy_rejected_longer"]),
