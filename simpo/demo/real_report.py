@@ -63,7 +63,11 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             text = (a["output"] or "(empty)").replace("\n", "\n> ")
             examples.append(f"**{n}** ({a['tokens']} tokens):\n\n> {text}\n")
     times = markdown_table(
-        ["stage", "wall s", "CPU s"], [[k, f"{v:.0f}", f"{cpu[k]:.0f}"] for k, v in wall.items()]
+        ["stage", "wall s", "CPU s"],
+        [
+            [k, f"{v:.0f}", f"{cpu[k]:.0f}"]
+            for k, v in sorted(wall.items(), key=lambda kv: kv[0] == "total")
+        ],
     )
     trained = " and ".join(names[1:]) or "(no training finished)"
     s = m[names[0]]
