@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from simpo import exits
 from simpo.config import EVAL_PRESETS, ConfigError, DataConfig, EvalConfig
-from simpo.conventions import encode_prompt
+from simpo.conventions import encode_prompt, with_system
 from simpo.data import DataError, load_pairs
 from simpo.generate import generate
 from simpo.hf import ModelFileError, load_model
@@ -77,6 +77,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--generator", help="name in model_outputs.json (default: the model's dir)")
     p.add_argument("--template", default=d.template, help="chat template (default: detected)")
     p.add_argument("--chat-template", default="", help="Jinja chat template file (or text)")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="a system message first in every generation prompt; --system= (empty) matches "
+        "the official convention's training prompts, which carry an empty system turn",
+    )
     p.add_argument("--mask", default=d.mask, choices=("official", "trl"))
     p.add_argument("--truncation-rule", default=d.truncation_rule, choices=("fit", "official"))
     p.add_argument(
@@ -269,8 +275,10 @@ def generate_outputs(
     Batches are dealt to ranks round-robin; batch b samples with seed + b, so the outputs do
     not depend on the number of ranks."""
     ids = [
-        encode_prompt(p["messages"], tokenizer, args.template, args.chat_template) for p in prompts
-    ]
+        encode_prompt(with_system(p["messages"], args.system), tokenizer, args.template,
+                      args.chat_template)
+        for p in prompts
+    ]  # fmt: skip
     restrict_vocab(model, tokenizer.vocab_size)
     starts = range(0, len(ids), args.gen_batch)
     mine: list[tuple[int, list[int]]] = []

@@ -150,7 +150,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
         lr=tc.lr,
         betas=(tc.adam_beta1, tc.adam_beta2),
         weight_decay=0.0,
-        fused=world.device.type == "cuda",
+        fused=True,  # one kernel over all parameters, on CUDA and CPU alike
     )
     if latest is not None:  # an unreadable one is skipped for the one before it
         latest, start_step = resume_state(latest, cfg, model, optimizer, identity)
@@ -180,14 +180,15 @@ def train(cfg: Config, world: World) -> dict[str, float]:
                 batch, cfg.data.max_tokens, world.world_size, world.rank, cfg.data.packing
             )  # this rank's share; all ranks get as many micro-batches (some maybe empty)
             try:
-                sums = train_step(model, micro, cfg.loss, tc.batch_size, world, reference)
+                sums = train_step(
+                    model, micro, cfg.loss, tc.batch_size, world, reference, tc.grad_sync
+                )
             except torch.OutOfMemoryError as e:
                 raise out_of_memory(step + 1, cfg, latest_checkpoint(ckpt_root)) from e
             max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
             grad_norm = unwrap_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            totals = reduce_scalars(
-                {k: float(v) for k, v in sums.items()} | {"stop": stop.is_set()}
-            )
+            # one collective and one host synchronisation for all of the step's sums
+            totals = reduce_scalars(sums | {"stop": float(stop.is_set())})
             loss = totals["loss"] / tc.batch_size
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingError(

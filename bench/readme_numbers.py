@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- demo-numbers -->", "<!-- /demo-numbers -->"
-MODELS = ("SFT", "SimPO", "DPO")
+MODELS = ("SFT", "SimPO", "DPO", "SimPO on-policy")  # those in the run's summary
 
 
 def pct(x: float) -> str:
@@ -33,10 +33,11 @@ def demo_block(results: dict, when: str) -> str:
     """The README's demo paragraph and table, from the demo's summary.json."""
     m, ans, wall = results["metrics"], results["answers"], results["wall_s"]
     n_answers = len(ans["SFT"])
-    correct = {k: sum(a["correct"] for a in ans[k]) / max(len(ans[k]), 1) for k in MODELS}
+    models = [k for k in MODELS if k in m]
+    correct = {k: sum(a["correct"] for a in ans[k]) / max(len(ans[k]), 1) for k in models}
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in wall.items() if k != "total")
     rows = []
-    for name in MODELS:
+    for name in models:
         r = m[name]
         acc = pct(r["accuracy"])
         if name != "SFT":

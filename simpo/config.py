@@ -23,7 +23,7 @@ from typing import Any
 from simpo.attention import BACKENDS
 from simpo.conventions import CONVENTIONS
 from simpo.data import TRUNCATION_RULES, TRUNCATIONS
-from simpo.fsdp import PRECISIONS
+from simpo.fsdp import GRAD_SYNCS, PRECISIONS
 from simpo.losses import LOSS_TYPES, LOSSES
 from simpo.packing import PACKINGS, pair_tokens
 from simpo.readers import FORMATS
@@ -125,6 +125,12 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max global grad norm; 0 = off")
     precision: str = _f("bf16-mixed", "bf16-mixed keeps fp32 master weights", PRECISIONS)
     activation_checkpointing: str = _f("auto", "auto = on for CUDA", ("auto", "on", "off"))
+    grad_sync: str = _f(
+        "last",
+        "reduce-scatter grads after the last micro-batch of a step (each rank holds unsharded "
+        "fp32 grads until then) or after every one (ZeRO-3 memory, more traffic)",
+        GRAD_SYNCS,
+    )
     compile: bool = _f(False, "torch.compile each transformer block")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
     resume_override: str = _f(

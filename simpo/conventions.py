@@ -37,6 +37,13 @@ CONVENTIONS = ("official", "trl")
 Messages = list[dict[str, str]]
 
 
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """`messages` with a system message first (unless it has one, or `system` is None)."""
+    if system is None or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
 def with_empty_system(messages: Messages, source: str) -> Messages:
     """alignment-handbook's `maybe_insert_system_message`: an empty system message first when
     the template mentions a system role (zephyr gets `<|system|>\\n</s>\\n`)."""

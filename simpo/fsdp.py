@@ -9,15 +9,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from simpo.hf import load_state_into, read_hf_config
 from simpo.model import Transformer
 from simpo.world import World
 
 PRECISIONS = ("bf16-mixed", "fp32", "bf16-pure")
+# train.grad_sync: when FSDP reduce-scatters the gradients of an optimizer step's micro-batches
+#   "last":  once, after the last micro-batch. Each rank holds its units' unsharded gradients
+#            (in the reduce dtype, fp32) from the first micro-batch's backward to the last,
+#            i.e. 4 bytes x parameters per rank (32 GB at 8B) instead of a 1/world shard.
+#   "every": after every micro-batch (overlapped with the backward), ZeRO-3 memory.
+GRAD_SYNCS = ("last", "every")
+
+
+def set_grad_sync(model: nn.Module, sync: bool) -> None:
+    """Whether the next backward reduce-scatters gradients (FSDP2's
+    `set_requires_gradient_sync`, on the root and every block); a no-op for a model that
+    FSDP did not shard. Without sync, gradients accumulate unsharded until a backward with it."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync, recurse=True)
 
 
 def parallelize(

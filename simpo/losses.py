@@ -257,6 +257,8 @@ def compute_loss(
     policy_count: Tensor,
     ref_sum: Tensor | None = None,
     ref_count: Tensor | None = None,
+    *,
+    check_counts: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair losses and metrics from interleaved per-response log-probs.
 
@@ -265,6 +267,9 @@ def compute_loss(
         policy_sum, policy_count: (R,) with R = 2P; response 2p is pair p's chosen answer.
         ref_sum, ref_count: the same from the reference policy (losses with needs_reference);
             ref_count defaults to policy_count.
+        check_counts: raise if a response has no scored token (its average would be 0/0).
+            Reading the check's answer is a host synchronisation on a GPU; the training step
+            passes False because `simpo.packing` already rejects pairs with an empty part.
 
     Returns:
         losses (P,), plus `cfg.sft_weight` x NLL(y_w) when that is non-zero, and detached
@@ -278,7 +283,7 @@ def compute_loss(
         raise ValueError(f"expected (2P,) interleaved responses, got {tuple(policy_sum.shape)}")
     if spec.needs_reference and ref_sum is None:
         raise ValueError(f"loss '{spec.name}' needs reference log-probs (ref_sum)")
-    if bool((policy_count <= 0).any()):  # one host sync; an empty response has no avg
+    if check_counts and bool((policy_count <= 0).any()):  # an empty response has no avg
         raise ValueError("a response has no scored tokens (count 0); drop such pairs upstream")
     count = policy_count.to(policy_sum.dtype)  # (R,)
 

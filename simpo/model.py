@@ -71,9 +71,33 @@ class ModelArgs:
 
 def rope_cos_sin(args: ModelArgs, position_ids: Tensor) -> tuple[Tensor, Tensor]:
     """cos, sin (B, 1, T, head_dim) in fp32 for positions (B, T); HF's inv_freq formulas."""
-    d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = args.rope_scaling
+    scaling = tuple(sorted((args.rope_scaling or {}).items()))
+    inv = _inv_freq(args.head_dim, args.rope_theta, scaling, position_ids.device)  # (d/2,)
+    freqs = position_ids[..., None].float() * inv  # (B, T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
+    return emb.cos(), emb.sin()
+
+
+_INV_FREQ: dict[tuple[Any, ...], Tensor] = {}  # a plain dict: compiled code reads the tensor
+
+
+def _inv_freq(
+    d: int, theta: float, scaling: tuple[tuple[str, Any], ...], device: torch.device
+) -> Tensor:
+    """RoPE inverse frequencies (d/2,) fp32 on `device`: computed on the CPU, as HF does (the
+    same bits), and copied to the device once per process rather than in every forward (a
+    copy from the host memory of a fresh tensor makes the host wait for the GPU). A plain dict,
+    not functools.cache: torch.compile traces through a cache wrapper and would put the CPU
+    computation inside the graph (no CUDA graph then); it reads a dict's tensor as a constant."""
+    key = (d, theta, scaling, device)
+    if key not in _INV_FREQ:
+        with torch.inference_mode(False):  # a normal tensor, even if first made for generation
+            _INV_FREQ[key] = _cpu_inv_freq(d, theta, dict(scaling) or None).to(device)
+    return _INV_FREQ[key]
+
+
+def _cpu_inv_freq(d: int, theta: float, sc: dict[str, Any] | None) -> Tensor:
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     if sc is not None and sc["rope_type"] == "linear":
         inv = inv / sc["factor"]
     elif sc is not None:  # llama3: low frequencies / factor, smooth blend in between
@@ -85,9 +109,7 @@ def rope_cos_sin(args: ModelArgs, position_ids: Tensor) -> tuple[Tensor, Tensor]
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < ctx / hi) & ~(wavelen > ctx / lo)
         inv = torch.where(medium, blended, scaled)
-    freqs = position_ids[..., None].float() * inv.to(position_ids.device)  # (B, T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
-    return emb.cos(), emb.sin()
+    return inv
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

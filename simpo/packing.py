@@ -28,6 +28,8 @@ import torch
 
 from simpo.attention import Layout
 from simpo.logprobs import ScoreIndex
+from simpo.metrics import attention_context
+from simpo.world import to_device
 
 if TYPE_CHECKING:
     from simpo.data import TokenizedPair
@@ -42,25 +44,39 @@ Placement = tuple[int, int, int]
 
 @dataclass
 class PackedBatch:
-    """One micro-batch: `model(input_ids, layout, score)` scores it."""
+    """One micro-batch: `model(input_ids, layout, score)` scores it.
+
+    Everything the training step needs on the host (counts, pair ids) is computed here, at
+    packing time, so the step never reads a device tensor back (a host synchronisation).
+    Every response has at least one scored token (`_plan` rejects empty parts), which is
+    what lets `compute_loss` skip its count check in the step.
+    """
 
     input_ids: torch.Tensor  # (B, T) long
     layout: Layout  # doc_ids, branch_ids, position_ids: each (B, T) long
     score: ScoreIndex  # hidden_index, targets, response_ids: each (N,); num_responses = 2P
-    pair_index: torch.Tensor  # (P,) long: TokenizedPair.index of pair j (responses 2j, 2j+1)
+    pair_index: torch.Tensor  # (P,) long, on the host: TokenizedPair.index of pair j
     num_real_tokens: int  # non-padding tokens in input_ids (what the model computes on)
+    attention_context: int  # sum over documents of their length squared (for MFU)
 
     @property
     def num_pairs(self) -> int:
         return self.pair_index.numel()
 
     def to(self, device: torch.device | str) -> PackedBatch:
+        """A copy on `device`, copied without blocking the host (`simpo.world.to_device`).
+
+        `pair_index` stays on the host: it only names pairs (reference-table lookups, result
+        rows), and reading it from the device would wait for the device."""
+        lay, score = self.layout, self.score
+        arrays = (lay.doc_ids, lay.branch_ids, lay.position_ids)
         return PackedBatch(
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            layout=self.layout.to(device),
-            score=self.score.to(device),
-            pair_index=self.pair_index.to(device, non_blocking=True),
+            input_ids=to_device(self.input_ids, device),
+            layout=Layout(*(to_device(t, device) for t in arrays), plain=lay.plain),
+            score=ScoreIndex(*(to_device(t, device) for t in score[:3]), score.num_responses),
+            pair_index=self.pair_index,
             num_real_tokens=self.num_real_tokens,
+            attention_context=self.attention_context,
         )
 
 
@@ -131,7 +147,7 @@ def empty_batch() -> PackedBatch:
     none = torch.zeros(0, dtype=torch.long)  # (0,)
     layout = Layout(torch.full((1, 1), -1), one.clone(), one.clone())
     return PackedBatch(
-        one, layout, ScoreIndex(none, none.clone(), none.clone(), 0), none.clone(), 0
+        one, layout, ScoreIndex(none, none.clone(), none.clone(), 0), none.clone(), 0, 0
     )
 
 
@@ -283,12 +299,14 @@ def _build(
             score(2 * j, row, m - 1, m, chosen)
             score(2 * j + 1, row + 1, m - 1, m, rejected)
 
+    layout = Layout(doc, branch, pos)
     return PackedBatch(
         input_ids=ids,
-        layout=Layout(doc, branch, pos),
+        layout=layout,
         score=ScoreIndex(
             torch.cat(hidden), torch.cat(targets), torch.cat(response), 2 * len(placements)
         ),
         pair_index=torch.tensor([pairs[i].index for i, _, _ in placements], dtype=torch.long),
         num_real_tokens=int((doc >= 0).sum()),
+        attention_context=attention_context(layout),
     )

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from simpo.fsdp import build_model
 from simpo.packing import PackedBatch
 from simpo.scoring import score_pairs
-from simpo.world import World, all_reduce, print0
+from simpo.world import World, all_reduce, print0, to_device
 
 if TYPE_CHECKING:
     from simpo.config import Config
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 MIN = dist.ReduceOp.MIN
 REFERENCE_MODES = ("precompute", "live")  # loss.reference
-# (micro-batch on the device) -> the reference policy's (sum, count), each (2P,)
+# (micro-batch on the device) -> the reference policy's (sum, count), each (2P,) on the device
 ReferenceFn = Callable[[PackedBatch], tuple[Tensor, Tensor]]
 
 
@@ -52,15 +52,17 @@ class ReferenceTable:
     def __post_init__(self) -> None:
         self._row = {int(i): r for r, i in enumerate(self.index.tolist())}
 
-    def lookup(self, pair_index: Tensor) -> tuple[Tensor, Tensor]:
-        """(ref_sum, ref_count), each (2P,) interleaved chosen/rejected, for pairs (P,)."""
+    def lookup(
+        self, pair_index: Tensor, device: torch.device | str = "cpu"
+    ) -> tuple[Tensor, Tensor]:
+        """(ref_sum, ref_count) on `device`, each (2P,) fp32 interleaved chosen/rejected, for
+        pairs (P,) given on the host (a table lookup never waits for the device)."""
         try:
             rows = torch.tensor([self._row[int(i)] for i in pair_index.tolist()], dtype=torch.long)
         except KeyError as e:
             raise KeyError(f"pair {e} is not in the reference cache (stale cache file?)") from None
-        device = pair_index.device
-        sums = self.sums[rows].reshape(-1).to(device, torch.float32)
-        return sums, self.counts[rows].reshape(-1).to(device, torch.float32)
+        sums = self.sums[rows].reshape(-1).float()  # (2P,)
+        return to_device(sums, device), to_device(self.counts[rows].reshape(-1).float(), device)
 
 
 def reference_key(pairs: Sequence[TokenizedPair], model_dir: Path, cfg: Config) -> str:
@@ -145,5 +147,5 @@ def reference_for(table: ReferenceTable | None, model: nn.Module | None) -> Refe
 
         return live
     if table is not None:
-        return lambda mb: table.lookup(mb.pair_index)
+        return lambda mb: table.lookup(mb.pair_index, mb.input_ids.device)
     return None

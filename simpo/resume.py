@@ -35,7 +35,7 @@ from simpo.world import print0
 FREE_ON_RESUME = {
     "train.output_dir", "train.resume", "train.resume_override", "train.save_every",
     "train.eval_every", "train.log_every", "train.export", "train.activation_checkpointing",
-    "train.compile", "train.keep_checkpoints",
+    "train.compile", "train.keep_checkpoints", "train.grad_sync",
     "data.max_tokens", "data.packing", "data.num_workers", "data.cache_dir", "data.eval",
     "data.train",  # its path may move: its content is checked instead (meta["data"])
     "model.attention", "train.report_to",

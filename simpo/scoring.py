@@ -36,7 +36,8 @@ def score_pairs(
     for i in range(rounds):
         batch = (mine[i] if i < len(mine) else empty_batch()).to(world.device)
         sums, counts = model(batch.input_ids, batch.layout, batch.score)
-        cols = [batch.pair_index, sums[0::2], sums[1::2], counts[0::2], counts[1::2]]
+        index = batch.pair_index.to(sums.device)  # (P,): PackedBatch keeps it on the host
+        cols = [index, sums[0::2], sums[1::2], counts[0::2], counts[1::2]]
         rows.append(torch.stack([c.double() for c in cols], dim=1))  # (P_i, 5)
     table = all_gather_rows(torch.cat(rows)).cpu()  # (P, 5) from all ranks
     table = table[table[:, 0].argsort()]

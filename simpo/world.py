@@ -111,6 +111,20 @@ def copy_full_(param: Tensor, full: Tensor) -> None:
     param.copy_(full)
 
 
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """Copy a host tensor to `device` without making the host wait for the device.
+
+    A plain `.to("cuda")` from pageable memory is a synchronous copy: the host waits until
+    the GPU has drained its queue. Pinned memory plus `non_blocking` queues the copy behind
+    the running kernels instead (the caching host allocator keeps the pinned buffer alive
+    until the copy is done). A no-op for a tensor already on `device`.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def unwrap_norm(t: Tensor) -> float:
     """A scalar (possibly a DTensor, e.g. clip_grad_norm_'s result) as a Python float."""
     full = getattr(t, "full_tensor", None)

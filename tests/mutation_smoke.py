@@ -46,15 +46,15 @@ class Mutant:
 
 MUTANTS = [
     Mutant(
-        "temperature", "simpo/generate.py",
+        "temperature", "simpo/draws.py",
         "torch.softmax(logits.float() / temperature, dim=-1)",
         "torch.softmax(logits.float() * temperature, dim=-1)",
         ("tests/test_generate.py",), "sampling temperature multiplies the logits",
     ),
     Mutant(
-        "top_p_boundary", "simpo/generate.py",
-        "drop = sorted_p.cumsum(-1) - sorted_p > top_p",
-        "drop = sorted_p.cumsum(-1) > top_p",
+        "top_p_boundary", "simpo/draws.py",
+        "out = torch.where((out < 0) & (above < top_p), cand, out)",
+        "out = torch.where((out < 0) & (above + p_cand[:, 0] < top_p), cand, out)",
         ("tests/test_generate.py",), "nucleus drops the token that crosses top_p",
     ),
     Mutant(

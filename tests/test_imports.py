@@ -14,7 +14,9 @@ MODULES = sorted(
     for p in (ROOT / "simpo").rglob("*.py")
     if p.name != "__main__.py"
 )
-SCRIPTS = sorted(p for p in [ROOT / "train.py", ROOT / "eval.py", *ROOT.glob("bench/*.py")])
+SCRIPTS = sorted(
+    p for p in [ROOT / "train.py", ROOT / "eval.py", ROOT / "onpolicy.py", *ROOT.glob("bench/*.py")]
+)
 
 
 def test_package_has_the_design_modules():

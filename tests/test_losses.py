@@ -1,4 +1,4 @@
-"""Loss math with the arithmetic written out (DESIGN.md section 1), plus the dispatcher.
+"""Loss math with the arithmetic written out (docs/design.md §1), plus the dispatcher.
 
 Notation: w/l = chosen/rejected; sp(x) = −log σ(x) = log(1 + e^−x); sp(−x) = sp(x) + x.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,8 +193,10 @@ def test_non_finite_loss_stops_naming_the_step(tiny, tmp_path):
     state = load_file(bad / "model.safetensors")
     state["model.norm.weight"][0] = float("nan")
     save_file(state, bad / "model.safetensors")
-    with pytest.raises(TrainingError, match=r"step 1: non-finite loss.*Last good checkpoint: none"):
+    with pytest.raises(TrainingError) as err:
         run_train(train_argv(tmp_path / "run", bad, data))
+    assert re.search(r"step 1: non-finite loss.*Last good checkpoint: none", str(err.value))
+    assert "--train.resume_override=train.lr --train.lr=" in str(err.value)  # how to go on
 
 
 def test_bad_input_errors(tiny, tmp_path):
@@ -227,7 +230,7 @@ def test_unknown_key_is_a_clean_error_with_exit_code_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-# DESIGN.md section 1: (loss, β, γ/β, lr, max_length, max_prompt_length) of each recipe
+# docs/design.md §1: (loss, β, γ/β, lr, max_length, max_prompt_length) of each recipe
 RECIPES = {
     "mistral-7b-base-simpo": ("simpo", 2.0, 0.8, 3e-7, 1024, 512),
     "mistral-7b-instruct-simpo": ("simpo", 2.5, 0.1, 5e-7, 2048, 1800),
