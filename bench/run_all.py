@@ -16,10 +16,19 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("kernel.py", "packing.py", "step.py", "vs_trl.py", "sampling.py", "gpu.py")
+SCRIPTS = (
+    "kernel.py",
+    "packing.py",
+    "step.py",
+    "vs_trl.py",
+    "real_model.py",
+    "sampling.py",
+    "gpu.py",
+)
 GOALS = {  # what each headline is measured against (issues #16, #17; bench/RESULTS.md)
     "step.py": "DPO-live <= 1.3x SimPO's step time",
     "vs_trl.py": "vs TRL: >= 3x pairs/s and <= 0.25x peak memory at vocab 256k, >= 2x at 32k",
+    "real_model.py": "vs TRL on SmolLM2-135M-Instruct (issue 15): recorded, no goal set",
     "sampling.py": ">= 2x transformers.generate new tokens/s (16 prompts x K=4, CPU)",
     "gpu.py": "MFU >= 40% (1B) / 35% (8B); Gemma-2-9B SimPO, 50k pairs: slides 16 H100-hours",
 }
