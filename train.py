@@ -129,6 +129,8 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
             f"training pairs of {data_cfg.train}"
         )
     total = steps_for(len(pairs), tc.batch_size, tc.epochs, tc.max_steps)
+    if cfg.model.logits_chunk_mib < 1:
+        raise ConfigError(f"model.logits_chunk_mib = {cfg.model.logits_chunk_mib} must be >= 1")
 
     # --- reference policy (DPO family): precomputed table, or a frozen sharded model ---
     ref_tables, ref_model = {}, None
@@ -141,12 +143,14 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
             ref_model = build_model(
                 ref_dir, d, tc.precision, attention=cfg.model.attention, trainable=False
             )
+            ref_model.logits_chunk_bytes = cfg.model.logits_chunk_mib * 2**20
 
     # --- policy: built on meta, FSDP2-sharded, loaded shard-wise; AdamW with fp32 state ---
     ac = tc.activation_checkpointing == "on" or (
         tc.activation_checkpointing == "auto" and d.device.type == "cuda"
     )
     model = build_model(model_dir, d, tc.precision, ac, tc.compile, cfg.model.attention)
+    model.logits_chunk_bytes = cfg.model.logits_chunk_mib * 2**20
     matrices = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases
     others = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(

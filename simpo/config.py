@@ -31,6 +31,9 @@ class ModelConfig:
     attention: str = _f(
         "auto", "attention backend: auto (flex on CUDA, sdpa on CPU)", ("auto", "flex", "sdpa")
     )
+    logits_chunk_mib: int = _f(
+        1024, "MiB for the lm_head's (chunk, vocab) logits buffer (also capped at 1/10 of N x V)"
+    )
     tiny_dim: int = _f(64, "hidden size of the tiny random model built when model.path is empty")
     tiny_layers: int = _f(2, "layers of the tiny random model")
     tiny_vocab: int = _f(512, "vocabulary of the tokenizer trained for the tiny random model")

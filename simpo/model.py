@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from simpo.attention import Layout, attend, masked_attention
 from simpo.checkpoint import copy_full_, load_state_into
 from simpo.hf_config import ModelArgs, tiny_args, tiny_hf_config
-from simpo.logprobs import ScoreIndex, response_logprobs
+from simpo.logprobs import DEFAULT_CHUNK_BYTES, ScoreIndex, response_logprobs
 
 if TYPE_CHECKING:
     from simpo.generate import KVCache
@@ -151,9 +151,10 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, logits_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         super().__init__()
         self.args = args
+        self.logits_chunk_bytes = logits_chunk_bytes  # the fused head's chunk budget
         self.model = Backbone(args)
         self.lm_head: nn.Linear | None = None  # tied: the head is the embedding
         if not args.tie_word_embeddings:
@@ -216,6 +217,7 @@ class Transformer(nn.Module):
         return response_logprobs(
             hidden.flatten(0, 1), self.head_weight, score.hidden_index, score.targets,
             score.response_ids, score.num_responses, softcap=cap,
+            chunk_bytes=self.logits_chunk_bytes,
         )  # fmt: skip
 
     @torch.no_grad()

@@ -1,0 +1,281 @@
+"""The training loss with the lm_head fused in: 3 vocabulary GEMMs per token, not 4.
+
+A preference loss is a sum of per-pair terms, each a function of its two responses' log-prob
+sums and counts. So as soon as a chunk of scored tokens completes some pairs, their losses and
+d loss / d sum_r are known, and each token's logits gradient
+`g_r * (onehot(y_t) - softmax(c_t)) * dc/dz` can be formed while the chunk's softmax is still
+in memory. The forward therefore runs the head's backward too (d hidden, d weight: two GEMMs)
+and keeps the gradients; the autograd backward only scales them by the incoming gradient.
+This is the approach of Liger-Kernel's fused linear preference losses, here over the packed
+ScoreIndex (shared-prompt rows included), with the byte-sized chunks of `simpo.logprobs`.
+
+Chunks follow pair boundaries: a chunk holds whole pairs while they fit. A pair with more
+scored tokens than a chunk's rows spills its first tokens into earlier chunks; those tokens'
+gradient waits for the pair's last token, and their logits are then recomputed (the 4th GEMM,
+for those tokens only: `pair tokens - rows` per such pair, see `plan_chunks`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from simpo.logprobs import (
+    DEFAULT_CHUNK_BYTES,
+    ScoreIndex,
+    _accumulate_grads,
+    _check,
+    _counts,
+    _grad_logits_,
+    _logits_,
+    _lse_,
+    _resolve_rows,
+)
+
+# (sums (2k,), counts (2k,), ref_sums (2k,) | None, ref_counts (2k,) | None) -> losses (k,)
+# for k consecutive pairs, responses interleaved: 2j chosen, 2j + 1 rejected
+PairLoss = Callable[[Tensor, Tensor, Tensor | None, Tensor | None], Tensor]
+
+
+class FusedLoss(NamedTuple):
+    loss: Tensor  # () scale * sum of the per-pair losses; differentiable
+    pair_losses: Tensor  # (P,) per-pair losses, unscaled, detached
+    sums: Tensor  # (R,) per-response log-prob sums, detached (for metrics)
+    counts: Tensor  # (R,) scored tokens per response
+
+
+def pair_loss(cfg: Any) -> PairLoss:
+    """`simpo.losses.compute_loss` for `cfg` (a LossConfig) as a PairLoss: per-pair losses,
+    `sft_weight` term included (the metrics come from `FusedLoss.sums` afterwards)."""
+    from simpo.losses import compute_loss
+
+    return lambda s, n, rs, rn: compute_loss(cfg, s, n, rs, rn)[0]
+
+
+def plan_chunks(pair_tokens: Sequence[int], rows: int) -> list[tuple[int, int]]:
+    """Token ranges [start, end) of the chunks, for pairs stored one after the other.
+
+    A chunk of at most `rows` tokens takes whole pairs while the next one fits. A pair longer
+    than `rows` fills up the open chunk (and whole chunks) with its first `size - rows` tokens
+    and gets a chunk of exactly its last `rows` tokens: those are scored when its loss is
+    known, the earlier ones are recomputed, so a pair recomputes `max(0, size - rows)` tokens.
+    """
+    bounds: list[tuple[int, int]] = []
+    start = end = 0  # the open chunk is [start, end)
+
+    def close() -> None:
+        nonlocal start
+        if end > start:
+            bounds.append((start, end))
+        start = end
+
+    for size in pair_tokens:
+        if end - start + size <= rows:
+            end += size
+            continue
+        if size <= rows:
+            close()
+            end += size
+            continue
+        head = size - rows  # tokens scored before the pair's loss is known
+        while head:
+            take = min(head, rows - (end - start))
+            end, head = end + take, head - take
+            if end - start == rows:
+                close()
+        close()
+        end += rows
+        close()
+    close()
+    return bounds
+
+
+def _pair_grads(
+    loss_fn: PairLoss,
+    sums: Tensor,
+    counts: Tensor,
+    ref_sums: Tensor | None,
+    ref_counts: Tensor | None,
+    pairs: slice,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Losses (k,) of the pairs in `pairs` and scale * d(sum of losses) / d sums (2k,)."""
+    r = slice(2 * pairs.start, 2 * pairs.stop)
+    with torch.enable_grad():
+        s = sums[r].detach().requires_grad_()
+        ref = None if ref_sums is None else ref_sums[r].to(s.dtype)
+        ref_n = None if ref_counts is None else ref_counts[r].to(s.dtype)
+        losses = loss_fn(s, counts[r], ref, ref_n)
+        if losses.shape != (pairs.stop - pairs.start,):
+            raise ValueError(
+                f"loss_fn must return one loss per pair, shape ({pairs.stop - pairs.start},), "
+                f"got {tuple(losses.shape)}"
+            )
+        (grad,) = torch.autograd.grad(losses.sum() * scale, s, allow_unused=True)
+    return (torch.zeros_like(s) if grad is None else grad), losses.detach()
+
+
+class _FusedPreferenceLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,  # (N_h, D)
+        weight: Tensor,  # (V, D)
+        hidden_index: Tensor,  # (N,) sorted by response id, so pairs are contiguous
+        targets: Tensor,  # (N,)
+        response_ids: Tensor,  # (N,)
+        counts: Tensor,  # (R,)
+        ref_sums: Tensor | None,  # (R,)
+        ref_counts: Tensor | None,  # (R,)
+        loss_fn: PairLoss,
+        scale: float,
+        softcap: float | None,
+        rows: int,
+        pair_ends: list[int],  # (P,) host: token offset where each pair ends
+        need: tuple[bool, bool],  # grads for hidden, weight
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        acc = counts.dtype
+        n, vocab, num_pairs = targets.shape[0], weight.shape[0], len(pair_ends)
+        sums = torch.zeros(2 * num_pairs, dtype=acc, device=hidden.device)  # (R,)
+        grad_sum = torch.zeros_like(sums)  # (R,) scale * d loss / d sum_r, once r's pair is done
+        pair_losses = torch.zeros(num_pairs, dtype=acc, device=hidden.device)  # (P,)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)  # (N,) for recomputed tokens
+        grad_hidden = torch.zeros_like(hidden, dtype=acc) if need[0] else None  # (N_h, D)
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need[1] else None  # (V, D)
+        buf = torch.empty(min(rows, n), vocab, dtype=acc, device=hidden.device)
+        pair_starts = [0, *pair_ends[:-1]]
+        done = 0  # pairs [0, done) have their losses and grad_sum
+
+        def head_grads(s: int, e: int, z: Tensor, lse_c: Tensor, scale_c: Tensor | None) -> None:
+            """Tokens [s, e) of the buffer z, whose pairs are done: into the head's grads."""
+            g = grad_sum[response_ids[s:e]]  # (c,)
+            dz = _grad_logits_(z, g, targets[s:e], lse_c, softcap, scale_c)
+            _accumulate_grads(dz, hidden[hidden_index[s:e]], hidden_index[s:e], weight,
+                              grad_hidden, grad_weight)  # fmt: skip
+
+        for s, e in plan_chunks([b - a for a, b in zip(pair_starts, pair_ends)], rows):
+            z = _logits_(hidden[hidden_index[s:e]], weight, buf[: e - s], softcap)  # GEMM 1
+            target_logit = z.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
+            if softcap is not None:
+                target_logit = target_logit * softcap
+            lse_c, prob_scale = _lse_(z, softcap)
+            lse[s:e] = lse_c
+            sums.index_add_(0, response_ids[s:e], target_logit - lse_c)
+            new = bisect.bisect_right(pair_ends, e, lo=done)  # pairs [done, new) end here
+            if new == done:
+                continue  # all of this chunk waits for a pair that goes on
+            grad_sum[2 * done : 2 * new], pair_losses[done:new] = _pair_grads(
+                loss_fn, sums, counts, ref_sums, ref_counts, slice(done, new), scale
+            )
+            k = pair_ends[new - 1] - s  # the chunk's first k tokens: their pairs are done
+            if (need[0] or need[1]) and k > 0:
+                scale_k = None if prob_scale is None else prob_scale[:k]
+                head_grads(s, s + k, z[:k], lse_c[:k], scale_k)  # GEMMs 2 and 3
+            if need[0] or need[1]:
+                for a in range(pair_starts[done], s, rows):  # a long pair's earlier tokens
+                    b = min(a + rows, s)
+                    zr = _logits_(hidden[hidden_index[a:b]], weight, buf[: b - a], softcap)
+                    head_grads(a, b, zr, lse[a:b], None)
+            done = new
+        if done < num_pairs:  # trailing pairs without scored tokens
+            grad_sum[2 * done :], pair_losses[done:] = _pair_grads(
+                loss_fn, sums, counts, ref_sums, ref_counts, slice(done, num_pairs), scale
+            )
+        ctx.grads, ctx.factor = (grad_hidden, grad_weight), None
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(pair_losses, sums)
+        return scale * pair_losses.sum(), pair_losses, sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_loss: Tensor, _grad_pairs: Tensor, _grad_sums: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        if ctx.factor is None:  # the usual single backward: scale in place, no (V, D) copy
+            grads = [None if g is None else g.mul_(grad_loss) for g in ctx.grads]
+            ctx.factor = grad_loss.detach().clone()
+        else:  # backward again (retain_graph): the kept grads carry the first grad_loss
+            if bool(ctx.factor == 0):
+                raise RuntimeError("fused_preference_loss: a 2nd backward after a zero grad")
+            ratio = grad_loss / ctx.factor
+            grads = [None if g is None else g * ratio for g in ctx.grads]
+        out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
+        return *out, *([None] * 12)
+
+
+def fused_preference_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    score: ScoreIndex,
+    loss_fn: PairLoss,
+    scale: float = 1.0,
+    ref_sums: Tensor | None = None,
+    ref_counts: Tensor | None = None,
+    softcap: float | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_size: int | None = None,
+    response_lengths: Sequence[int] | None = None,
+) -> FusedLoss:
+    """lm_head + log-softmax + preference loss in one pass: `scale * sum_p loss_fn(pair p)`.
+
+    Equal (values and gradients, to rounding) to `naive_response_logprobs` followed by
+    `loss_fn` on the per-response sums, summed and scaled, with 3 vocabulary GEMMs per scored
+    token (logits, d hidden, d weight) in chunks of `chunk_bytes` (`simpo.logprobs.chunk_rows`).
+    The head's gradients are computed in the forward and kept until the backward, which
+    multiplies them by the incoming gradient (in place; a second backward with
+    `retain_graph` rescales a copy).
+
+    Args:
+        hidden: (N_h, D) final-norm hidden states; weight: (V, D) lm_head (or tied embedding)
+            weight, same dtype. With FSDP, call this inside the model's forward (unsharded head).
+        score: the batch's ScoreIndex; response 2p is pair p's chosen answer, 2p + 1 its
+            rejected one (tokens may come in any order; they are sorted by response).
+        loss_fn: per-pair losses (k,) of k consecutive pairs from their interleaved (2k,) sums,
+            counts, and reference sums/counts (None without a reference), e.g. `pair_loss(cfg)`.
+            It must be a sum of independent per-pair terms: it is called once per chunk.
+        scale: the step's normalisation, e.g. world_size / pairs in the optimizer step.
+        ref_sums, ref_counts: (R,) reference log-prob sums and counts (DPO family), detached.
+        softcap: Gemma-2's final logit soft-cap.
+        chunk_bytes, chunk_size: the chunk budget, or rows per chunk (overrides the budget).
+        response_lengths: host-side scored tokens per response, if the caller has them (the
+            packer does): saves one device-to-host copy of R counts.
+
+    Returns:
+        FusedLoss(loss (), pair_losses (P,), sums (R,), counts (R,)), fp32 (fp64 for fp64
+        inputs); only `loss` is differentiable.
+    """
+    _check(hidden, weight, (score.hidden_index, score.targets, score.response_ids))
+    num_responses = score.num_responses
+    if num_responses % 2:
+        raise ValueError(f"expected interleaved pairs (an even num_responses), got {num_responses}")
+    rows = _resolve_rows(score.targets.shape[0], weight, softcap, chunk_bytes, chunk_size)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    order = torch.sort(score.response_ids, stable=True).indices  # pairs become contiguous
+    hidden_index, targets, response_ids = (t[order] for t in score[:3])
+    counts = _counts(response_ids, num_responses, acc)  # (R,)
+    lengths = list(response_lengths) if response_lengths is not None else counts.tolist()
+    if len(lengths) != num_responses:
+        raise ValueError(f"response_lengths has {len(lengths)} entries, expected {num_responses}")
+    pair_ends = list(
+        accumulate(int(lengths[r] + lengths[r + 1]) for r in range(0, num_responses, 2))
+    )
+    for ref in (ref_sums, ref_counts):
+        if ref is not None and ref.shape != (num_responses,):
+            raise ValueError(
+                f"reference sums/counts must be ({num_responses},), got {tuple(ref.shape)}"
+            )
+    need = (hidden.requires_grad and torch.is_grad_enabled(),
+            weight.requires_grad and torch.is_grad_enabled())  # fmt: skip
+    loss, pair_losses, sums = _FusedPreferenceLoss.apply(
+        hidden, weight, hidden_index, targets, response_ids, counts,
+        None if ref_sums is None else ref_sums.detach(),
+        None if ref_counts is None else ref_counts.detach(),
+        loss_fn, scale, softcap, rows, pair_ends, need,
+    )  # fmt: skip
+    return FusedLoss(loss, pair_losses, sums, counts)
