@@ -121,91 +121,105 @@ def _pair_grads(
     return (torch.zeros_like(s) if grad is None else grad), losses.detach()
 
 
+class _Inputs(NamedTuple):
+    """What one fused pass reads; tokens sorted by response id, so pairs are contiguous."""
+
+    hidden: Tensor  # (N_h, D)
+    weight: Tensor  # (V, D)
+    hidden_index: Tensor  # (N,)
+    targets: Tensor  # (N,)
+    response_ids: Tensor  # (N,)
+    counts: Tensor  # (R,)
+    ref_sums: Tensor | None  # (R,)
+    ref_counts: Tensor | None  # (R,)
+
+
+def _fused_pass(
+    x: _Inputs,
+    loss_fn: PairLoss,
+    scale: float,
+    softcap: float | None,
+    rows: int,
+    pair_ends: list[int],  # (P,) host: token offset where each pair ends
+    need: tuple[bool, bool],  # grads for hidden, weight
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Per-pair losses (P,), per-response sums (R,), and the head's grads of scale * sum of
+    the losses: d hidden (N_h, D) and d weight (V, D) in the accumulation dtype (or None)."""
+    hidden, weight, hidden_index, targets, response_ids = x[:5]
+    acc, dev = x.counts.dtype, hidden.device
+    n, vocab, num_pairs = targets.shape[0], weight.shape[0], len(pair_ends)
+    sums = torch.zeros(2 * num_pairs, dtype=acc, device=dev)  # (R,)
+    grad_sum = torch.zeros_like(sums)  # (R,) scale * d loss / d sum_r, once r's pair is done
+    pair_losses = torch.zeros(num_pairs, dtype=acc, device=dev)  # (P,)
+    lse = torch.empty(n, dtype=acc, device=dev)  # (N,) for recomputed tokens
+    grad_hidden = torch.zeros_like(hidden, dtype=acc) if need[0] else None  # (N_h, D)
+    grad_weight = torch.zeros_like(weight, dtype=acc) if need[1] else None  # (V, D)
+    buf = torch.empty(min(rows, n), vocab, dtype=acc, device=dev)  # the chunk's logits
+    pair_starts = [0, *pair_ends[:-1]]
+    done = 0  # pairs [0, done) have their losses and grad_sum
+
+    def finish(pairs: slice) -> None:
+        grad_sum[2 * pairs.start : 2 * pairs.stop], pair_losses[pairs] = _pair_grads(
+            loss_fn, sums, x.counts, x.ref_sums, x.ref_counts, pairs, scale
+        )
+
+    def head_grads(s: int, e: int, z: Tensor, lse_c: Tensor, prob_scale: Tensor | None) -> None:
+        """Tokens [s, e), logits in z, pairs done: their share of the head's grads."""
+        g = grad_sum[response_ids[s:e]]  # (c,)
+        dz = _grad_logits_(z, g, targets[s:e], lse_c, softcap, prob_scale)
+        rows_h = hidden_index[s:e]
+        _accumulate_grads(dz, hidden[rows_h], rows_h, weight, grad_hidden, grad_weight)
+
+    for s, e in plan_chunks([b - a for a, b in zip(pair_starts, pair_ends)], rows):
+        z = _logits_(hidden[hidden_index[s:e]], weight, buf[: e - s], softcap)  # GEMM 1
+        target_logit = z.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
+        if softcap is not None:
+            target_logit = target_logit * softcap
+        lse_c, prob_scale = _lse_(z, softcap)
+        lse[s:e] = lse_c
+        sums.index_add_(0, response_ids[s:e], target_logit - lse_c)
+        new = bisect.bisect_right(pair_ends, e, lo=done)  # pairs [done, new) end here
+        if new == done:
+            continue  # all of this chunk waits for a pair that goes on
+        finish(slice(done, new))
+        k = pair_ends[new - 1] - s  # the chunk's first k tokens: their pairs are done
+        if (need[0] or need[1]) and k > 0:
+            scale_k = None if prob_scale is None else prob_scale[:k]
+            head_grads(s, s + k, z[:k], lse_c[:k], scale_k)  # GEMMs 2 and 3
+        for a in range(pair_starts[done], s, rows) if need[0] or need[1] else ():
+            b = min(a + rows, s)  # a long pair's earlier tokens: logits recomputed
+            head_grads(a, b, _logits_(hidden[hidden_index[a:b]], weight, buf[: b - a], softcap),
+                       lse[a:b], None)  # fmt: skip
+        done = new
+    if done < num_pairs:  # trailing pairs without scored tokens
+        finish(slice(done, num_pairs))
+    return pair_losses, sums, grad_hidden, grad_weight
+
+
 class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        hidden: Tensor,  # (N_h, D)
-        weight: Tensor,  # (V, D)
-        hidden_index: Tensor,  # (N,) sorted by response id, so pairs are contiguous
-        targets: Tensor,  # (N,)
-        response_ids: Tensor,  # (N,)
-        counts: Tensor,  # (R,)
-        ref_sums: Tensor | None,  # (R,)
-        ref_counts: Tensor | None,  # (R,)
-        loss_fn: PairLoss,
-        scale: float,
-        softcap: float | None,
-        rows: int,
-        pair_ends: list[int],  # (P,) host: token offset where each pair ends
-        need: tuple[bool, bool],  # grads for hidden, weight
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        acc = counts.dtype
-        n, vocab, num_pairs = targets.shape[0], weight.shape[0], len(pair_ends)
-        sums = torch.zeros(2 * num_pairs, dtype=acc, device=hidden.device)  # (R,)
-        grad_sum = torch.zeros_like(sums)  # (R,) scale * d loss / d sum_r, once r's pair is done
-        pair_losses = torch.zeros(num_pairs, dtype=acc, device=hidden.device)  # (P,)
-        lse = torch.empty(n, dtype=acc, device=hidden.device)  # (N,) for recomputed tokens
-        grad_hidden = torch.zeros_like(hidden, dtype=acc) if need[0] else None  # (N_h, D)
-        grad_weight = torch.zeros_like(weight, dtype=acc) if need[1] else None  # (V, D)
-        buf = torch.empty(min(rows, n), vocab, dtype=acc, device=hidden.device)
-        pair_starts = [0, *pair_ends[:-1]]
-        done = 0  # pairs [0, done) have their losses and grad_sum
-
-        def head_grads(s: int, e: int, z: Tensor, lse_c: Tensor, scale_c: Tensor | None) -> None:
-            """Tokens [s, e) of the buffer z, whose pairs are done: into the head's grads."""
-            g = grad_sum[response_ids[s:e]]  # (c,)
-            dz = _grad_logits_(z, g, targets[s:e], lse_c, softcap, scale_c)
-            _accumulate_grads(dz, hidden[hidden_index[s:e]], hidden_index[s:e], weight,
-                              grad_hidden, grad_weight)  # fmt: skip
-
-        for s, e in plan_chunks([b - a for a, b in zip(pair_starts, pair_ends)], rows):
-            z = _logits_(hidden[hidden_index[s:e]], weight, buf[: e - s], softcap)  # GEMM 1
-            target_logit = z.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
-            if softcap is not None:
-                target_logit = target_logit * softcap
-            lse_c, prob_scale = _lse_(z, softcap)
-            lse[s:e] = lse_c
-            sums.index_add_(0, response_ids[s:e], target_logit - lse_c)
-            new = bisect.bisect_right(pair_ends, e, lo=done)  # pairs [done, new) end here
-            if new == done:
-                continue  # all of this chunk waits for a pair that goes on
-            grad_sum[2 * done : 2 * new], pair_losses[done:new] = _pair_grads(
-                loss_fn, sums, counts, ref_sums, ref_counts, slice(done, new), scale
-            )
-            k = pair_ends[new - 1] - s  # the chunk's first k tokens: their pairs are done
-            if (need[0] or need[1]) and k > 0:
-                scale_k = None if prob_scale is None else prob_scale[:k]
-                head_grads(s, s + k, z[:k], lse_c[:k], scale_k)  # GEMMs 2 and 3
-            if need[0] or need[1]:
-                for a in range(pair_starts[done], s, rows):  # a long pair's earlier tokens
-                    b = min(a + rows, s)
-                    zr = _logits_(hidden[hidden_index[a:b]], weight, buf[: b - a], softcap)
-                    head_grads(a, b, zr, lse[a:b], None)
-            done = new
-        if done < num_pairs:  # trailing pairs without scored tokens
-            grad_sum[2 * done :], pair_losses[done:] = _pair_grads(
-                loss_fn, sums, counts, ref_sums, ref_counts, slice(done, num_pairs), scale
-            )
-        ctx.grads, ctx.factor = (grad_hidden, grad_weight), None
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+    def forward(ctx: FunctionCtx, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        x, options = _Inputs(*args[:8]), args[8:]  # options: loss_fn, scale, softcap, ...
+        pair_losses, sums, grad_hidden, grad_weight = _fused_pass(x, *options)
+        ctx.grads = (grad_hidden, grad_weight)  # handed out (and dropped) by the backward
+        ctx.save_for_backward(*(t for t in x if t is not None))
+        ctx.rerun = (tuple(t is None for t in x), options)  # for a second backward
         ctx.mark_non_differentiable(pair_losses, sums)
-        return scale * pair_losses.sum(), pair_losses, sums
+        return options[1] * pair_losses.sum(), pair_losses, sums
 
     @staticmethod
     @once_differentiable
     def backward(
         ctx: FunctionCtx, grad_loss: Tensor, _grad_pairs: Tensor, _grad_sums: Tensor
     ) -> tuple[Tensor | None, ...]:
-        if ctx.factor is None:  # the usual single backward: scale in place, no (V, D) copy
-            grads = [None if g is None else g.mul_(grad_loss) for g in ctx.grads]
-            ctx.factor = grad_loss.detach().clone()
-        else:  # backward again (retain_graph): the kept grads carry the first grad_loss
-            if bool(ctx.factor == 0):
-                raise RuntimeError("fused_preference_loss: a 2nd backward after a zero grad")
-            ratio = grad_loss / ctx.factor
-            grads = [None if g is None else g * ratio for g in ctx.grads]
-        out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
+        grads, ctx.grads = ctx.grads, None  # no reference kept: autograd can take them over
+        if grads is None:  # backward again (retain_graph, gradcheck): run the pass again
+            saved, (missing, args) = iter(ctx.saved_tensors), ctx.rerun
+            x = _Inputs(*(None if m else next(saved) for m in missing))
+            grads = _fused_pass(x, *args)[2:]
+        hidden, weight = ctx.saved_tensors[:2]
+        out = [None if g is None else g.mul_(grad_loss).to(t.dtype)
+               for g, t in zip(grads, (hidden, weight), strict=True)]  # fmt: skip
         return *out, *([None] * 12)
 
 
@@ -228,8 +242,8 @@ def fused_preference_loss(
     `loss_fn` on the per-response sums, summed and scaled, with 3 vocabulary GEMMs per scored
     token (logits, d hidden, d weight) in chunks of `chunk_bytes` (`simpo.logprobs.chunk_rows`).
     The head's gradients are computed in the forward and kept until the backward, which
-    multiplies them by the incoming gradient (in place; a second backward with
-    `retain_graph` rescales a copy).
+    multiplies them by the incoming gradient in place and hands them over (a second backward,
+    with `retain_graph`, recomputes them).
 
     Args:
         hidden: (N_h, D) final-norm hidden states; weight: (V, D) lm_head (or tied embedding)

@@ -148,8 +148,9 @@ def _accumulate_grads(
     backward GEMMs, in the weight's dtype (bf16 as under autocast), accumulated in fp32."""
     acc = dz.dtype
     dz = dz.to(weight.dtype)  # a no-op in fp32
-    if grad_hidden is not None:
-        grad_hidden.index_add_(0, rows, (dz @ weight).to(acc))
+    if grad_hidden is not None:  # index_put_ as autograd's own index backward: CPU's
+        # parallel index_add_ spins for 100s of ms per call when its threads are descheduled
+        grad_hidden.index_put_((rows,), (dz @ weight).to(acc), accumulate=True)
     if grad_weight is not None and dz.dtype == acc:
         grad_weight.addmm_(dz.t(), h)  # (V, D) accumulated in place
     elif grad_weight is not None:
