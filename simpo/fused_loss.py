@@ -29,13 +29,13 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from simpo.logprobs import (
     DEFAULT_CHUNK_BYTES,
     ScoreIndex,
-    _accumulate_grads,
-    _check,
-    _counts,
-    _grad_logits_,
-    _logits_,
-    _lse_,
-    _resolve_rows,
+    accumulate_head_grads,
+    check_inputs,
+    grad_logits_chunk_,
+    logits_chunk_,
+    lse_chunk_,
+    response_counts,
+    rows_per_chunk,
 )
 
 # (sums (2k,), counts (2k,), ref_sums (2k,) | None, ref_counts (2k,) | None) -> losses (k,)
@@ -154,8 +154,10 @@ def _fused_pass(
     lse = torch.empty(n, dtype=acc, device=dev)  # (N,) for recomputed tokens
     grad_hidden = torch.zeros_like(hidden, dtype=acc) if need[0] else None  # (N_h, D)
     grad_weight = torch.zeros_like(weight, dtype=acc) if need[1] else None  # (V, D)
-    buf = torch.empty(min(rows, n), vocab, dtype=acc, device=dev)  # the chunk's logits
     pair_starts = [0, *pair_ends[:-1]]
+    plan = plan_chunks([b - a for a, b in zip(pair_starts, pair_ends)], rows)
+    longest = max((e - s for s, e in plan), default=0)  # recomputed runs: <= rows = longest
+    buf = torch.empty(longest, vocab, dtype=acc, device=dev)  # the chunk's logits
     done = 0  # pairs [0, done) have their losses and grad_sum
 
     def finish(pairs: slice) -> None:
@@ -166,16 +168,16 @@ def _fused_pass(
     def head_grads(s: int, e: int, z: Tensor, lse_c: Tensor, prob_scale: Tensor | None) -> None:
         """Tokens [s, e), logits in z, pairs done: their share of the head's grads."""
         g = grad_sum[response_ids[s:e]]  # (c,)
-        dz = _grad_logits_(z, g, targets[s:e], lse_c, softcap, prob_scale)
+        dz = grad_logits_chunk_(z, g, targets[s:e], lse_c, softcap, prob_scale)
         rows_h = hidden_index[s:e]
-        _accumulate_grads(dz, hidden[rows_h], rows_h, weight, grad_hidden, grad_weight)
+        accumulate_head_grads(dz, hidden[rows_h], rows_h, weight, grad_hidden, grad_weight)
 
-    for s, e in plan_chunks([b - a for a, b in zip(pair_starts, pair_ends)], rows):
-        z = _logits_(hidden[hidden_index[s:e]], weight, buf[: e - s], softcap)  # GEMM 1
+    for s, e in plan:
+        z = logits_chunk_(hidden[hidden_index[s:e]], weight, buf[: e - s], softcap)  # GEMM 1
         target_logit = z.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
         if softcap is not None:
             target_logit = target_logit * softcap
-        lse_c, prob_scale = _lse_(z, softcap)
+        lse_c, prob_scale = lse_chunk_(z, softcap)
         lse[s:e] = lse_c
         sums.index_add_(0, response_ids[s:e], target_logit - lse_c)
         new = bisect.bisect_right(pair_ends, e, lo=done)  # pairs [done, new) end here
@@ -188,8 +190,8 @@ def _fused_pass(
             head_grads(s, s + k, z[:k], lse_c[:k], scale_k)  # GEMMs 2 and 3
         for a in range(pair_starts[done], s, rows) if need[0] or need[1] else ():
             b = min(a + rows, s)  # a long pair's earlier tokens: logits recomputed
-            head_grads(a, b, _logits_(hidden[hidden_index[a:b]], weight, buf[: b - a], softcap),
-                       lse[a:b], None)  # fmt: skip
+            zr = logits_chunk_(hidden[hidden_index[a:b]], weight, buf[: b - a], softcap)
+            head_grads(a, b, zr, lse[a:b], None)
         done = new
     if done < num_pairs:  # trailing pairs without scored tokens
         finish(slice(done, num_pairs))
@@ -258,24 +260,31 @@ def fused_preference_loss(
         softcap: Gemma-2's final logit soft-cap.
         chunk_bytes, chunk_size: the chunk budget, or rows per chunk (overrides the budget).
         response_lengths: host-side scored tokens per response, if the caller has them (the
-            packer does): saves one device-to-host copy of R counts.
+            packer does): saves the one device-to-host copy (of R counts) of this function.
+            They must be right (checked on CPU only).
 
     Returns:
         FusedLoss(loss (), pair_losses (P,), sums (R,), counts (R,)), fp32 (fp64 for fp64
         inputs); only `loss` is differentiable.
     """
-    _check(hidden, weight, (score.hidden_index, score.targets, score.response_ids))
+    check_inputs(hidden, weight, (score.hidden_index, score.targets, score.response_ids))
     num_responses = score.num_responses
     if num_responses % 2:
         raise ValueError(f"expected interleaved pairs (an even num_responses), got {num_responses}")
-    rows = _resolve_rows(score.targets.shape[0], weight, softcap, chunk_bytes, chunk_size)
+    rows = rows_per_chunk(score.targets.shape[0], weight, softcap, chunk_bytes, chunk_size)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     order = torch.sort(score.response_ids, stable=True).indices  # pairs become contiguous
     hidden_index, targets, response_ids = (t[order] for t in score[:3])
-    counts = _counts(response_ids, num_responses, acc)  # (R,)
-    lengths = list(response_lengths) if response_lengths is not None else counts.tolist()
-    if len(lengths) != num_responses:
-        raise ValueError(f"response_lengths has {len(lengths)} entries, expected {num_responses}")
+    counts = response_counts(response_ids, num_responses, acc)  # (R,)
+    if response_lengths is None:
+        lengths = [int(c) for c in counts.tolist()]  # the one device-to-host copy
+    else:
+        lengths = [int(c) for c in response_lengths]
+        # checked where it is free (CPU); on GPU the caller vouches for them
+        if len(lengths) != num_responses or (
+            counts.device.type == "cpu" and lengths != counts.tolist()
+        ):
+            raise ValueError("response_lengths must give each response's scored-token count")
     pair_ends = list(
         accumulate(int(lengths[r] + lengths[r + 1]) for r in range(0, num_responses, 2))
     )

@@ -70,7 +70,7 @@ def chunk_rows(
     return max(1, min(n, budget // per_row))
 
 
-def _logits_(h: Tensor, weight: Tensor, out: Tensor, softcap: float | None) -> Tensor:
+def logits_chunk_(h: Tensor, weight: Tensor, out: Tensor, softcap: float | None) -> Tensor:
     """Write `h @ weight.T` into `out` (c, V), then `tanh(z / softcap)` in place if capped.
 
     `out` has the accumulation dtype (fp32, or fp64 for gradcheck); the GEMM runs in the input
@@ -84,17 +84,17 @@ def _logits_(h: Tensor, weight: Tensor, out: Tensor, softcap: float | None) -> T
     return out if softcap is None else out.div_(softcap).tanh_()
 
 
-def _column_slices(z: Tensor) -> tuple[Tensor, ...]:
+def column_slices(z: Tensor) -> tuple[Tensor, ...]:
     """`SOFTCAP_SPLIT` column views of z (c, V): elementwise work on a soft-capped chunk goes
     slice by slice, so its temporary is (c, V / 8) rather than a second (c, V) block."""
     return z.split(-(-z.shape[1] // SOFTCAP_SPLIT), dim=1)
 
 
-def _lse_(z: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+def lse_chunk_(z: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
     """Row logsumexp (c,) of the chunk's (capped) logits, and a probability scale.
 
     Without a soft-cap, z is overwritten with exp(z - max) and the scale is 1 / its row sum:
-    softmax = z * scale, ready for `_grad_logits_` without a second exp. With a soft-cap, z
+    softmax = z * scale, ready for `grad_logits_chunk_` without a second exp. With a soft-cap, z
     (holding t) is left as is and the scale is None.
     """
     if softcap is None:
@@ -102,11 +102,11 @@ def _lse_(z: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
         sumexp = z.sub_(zmax[:, None]).exp_().sum(dim=1)
         return zmax + sumexp.log(), sumexp.reciprocal()
     zmax = z.amax(dim=1) * softcap  # tanh is increasing and softcap > 0
-    sumexp = sum(b.mul(softcap).sub_(zmax[:, None]).exp_().sum(dim=1) for b in _column_slices(z))
+    sumexp = sum(b.mul(softcap).sub_(zmax[:, None]).exp_().sum(dim=1) for b in column_slices(z))
     return zmax + sumexp.log(), None
 
 
-def _grad_logits_(
+def grad_logits_chunk_(
     z: Tensor,
     g: Tensor,
     targets: Tensor,
@@ -117,8 +117,8 @@ def _grad_logits_(
     """Turn a chunk's logits z (c, V) into d(sum_t g_t logp_t) / d z, in place.
 
     d logp_t / d c = onehot(y_t) - softmax(c_t) for the logits c fed to the softmax; with a
-    soft-cap c = s * tanh(z / s) and d c / d z = 1 - t^2. z holds what `_logits_` wrote (raw
-    logits or t), or, with `prob_scale` (no soft-cap), what `_lse_` left: exp(z - max).
+    soft-cap c = s * tanh(z / s) and d c / d z = 1 - t^2. z holds what `logits_chunk_` wrote (raw
+    logits or t), or, with `prob_scale` (no soft-cap), what `lse_chunk_` left: exp(z - max).
     g: (c,) upstream gradient of each token's log-prob; lse: (c,) of the capped logits.
     """
     g = g.to(z.dtype)
@@ -130,13 +130,13 @@ def _grad_logits_(
             scale = -g * prob_scale
         return z.mul_(scale[:, None]).scatter_add_(1, targets[:, None], g[:, None])
     t_target = z.gather(1, targets[:, None])  # (c, 1)
-    for b in _column_slices(z):
+    for b in column_slices(z):
         probs = b.mul(softcap).sub_(lse[:, None]).exp_()  # (c, V / 8) temporary
         b.square_().neg_().add_(1).mul_(probs).mul_(-g[:, None])  # -g * softmax * (1 - t^2)
     return z.scatter_add_(1, targets[:, None], g[:, None] * (1 - t_target.square()))
 
 
-def _accumulate_grads(
+def accumulate_head_grads(
     dz: Tensor,
     h: Tensor,
     rows: Tensor,
@@ -157,7 +157,7 @@ def _accumulate_grads(
         grad_weight.add_(dz.t() @ h)  # low precision GEMM, fp32 accumulation across chunks
 
 
-def _counts(response_ids: Tensor, num_responses: int, dtype: torch.dtype) -> Tensor:
+def response_counts(response_ids: Tensor, num_responses: int, dtype: torch.dtype) -> Tensor:
     """Scored tokens per response (R,); `index_add_` (unlike bincount) rejects ids >= R."""
     ones = torch.ones_like(response_ids, dtype=dtype)
     return torch.zeros(num_responses, dtype=dtype, device=ones.device).index_add_(
@@ -165,7 +165,7 @@ def _counts(response_ids: Tensor, num_responses: int, dtype: torch.dtype) -> Ten
     )
 
 
-def _check(hidden: Tensor, weight: Tensor, index: tuple[Tensor, Tensor, Tensor]) -> None:
+def check_inputs(hidden: Tensor, weight: Tensor, index: tuple[Tensor, Tensor, Tensor]) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"expected hidden (N_h, D) and weight (V, D), got {tuple(hidden.shape)} "
@@ -178,7 +178,7 @@ def _check(hidden: Tensor, weight: Tensor, index: tuple[Tensor, Tensor, Tensor])
         raise ValueError("hidden_index, targets, response_ids must be 1-D long, of one length")
 
 
-def _resolve_rows(
+def rows_per_chunk(
     n: int,
     weight: Tensor,
     softcap: float | None,
@@ -218,11 +218,11 @@ class _ResponseLogprobs(torch.autograd.Function):
         buf = torch.empty(min(rows, n), vocab, dtype=acc, device=hidden.device)
         for s in range(0, n, rows):
             e = min(s + rows, n)
-            z = _logits_(hidden[hidden_index[s:e]], weight, buf[: e - s], softcap)
+            z = logits_chunk_(hidden[hidden_index[s:e]], weight, buf[: e - s], softcap)
             target_logit = z.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
             if softcap is not None:
                 target_logit = target_logit * softcap
-            lse[s:e] = _lse_(z, softcap)[0]
+            lse[s:e] = lse_chunk_(z, softcap)[0]
             sums.index_add_(0, response_ids[s:e], target_logit - lse[s:e])
         ctx.save_for_backward(hidden, weight, hidden_index, targets, response_ids, lse)
         ctx.softcap, ctx.rows = softcap, rows
@@ -242,9 +242,9 @@ class _ResponseLogprobs(torch.autograd.Function):
         for s in range(0, n, rows):
             e = min(s + rows, n)
             h = hidden[hidden_index[s:e]]  # (c, D)
-            z = _logits_(h, weight, buf[: e - s], softcap)  # recomputed: the 4th GEMM
-            dz = _grad_logits_(z, grad_tok[s:e], targets[s:e], lse[s:e], softcap)
-            _accumulate_grads(dz, h, hidden_index[s:e], weight, grad_hidden, grad_weight)
+            z = logits_chunk_(h, weight, buf[: e - s], softcap)  # recomputed: the 4th GEMM
+            dz = grad_logits_chunk_(z, grad_tok[s:e], targets[s:e], lse[s:e], softcap)
+            accumulate_head_grads(dz, h, hidden_index[s:e], weight, grad_hidden, grad_weight)
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
@@ -281,12 +281,12 @@ def response_logprobs(
         sum (R,) and count (R,), fp32 (fp64 for fp64 inputs). Only `sum` is differentiable;
         gradients flow to `hidden` and `weight` (and add up with a tied embedding's).
     """
-    _check(hidden, weight, (hidden_index, targets, response_ids))
-    rows = _resolve_rows(targets.shape[0], weight, softcap, chunk_bytes, chunk_size)
+    check_inputs(hidden, weight, (hidden_index, targets, response_ids))
+    rows = rows_per_chunk(targets.shape[0], weight, softcap, chunk_bytes, chunk_size)
     sums = _ResponseLogprobs.apply(
         hidden, weight, hidden_index, targets, response_ids, num_responses, softcap, rows
     )
-    return sums, _counts(response_ids, num_responses, sums.dtype)
+    return sums, response_counts(response_ids, num_responses, sums.dtype)
 
 
 def naive_response_logprobs(
@@ -299,7 +299,7 @@ def naive_response_logprobs(
     softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference for `response_logprobs`: full (N, V) logits, log_softmax, gather, scatter."""
-    _check(hidden, weight, (hidden_index, targets, response_ids))
+    check_inputs(hidden, weight, (hidden_index, targets, response_ids))
     acc = torch.promote_types(hidden.dtype, torch.float32)
     logits = (hidden[hidden_index] @ weight.t()).to(acc)  # (N, V)
     if softcap is not None:
@@ -308,4 +308,4 @@ def naive_response_logprobs(
     sums = torch.zeros(num_responses, dtype=acc, device=hidden.device).index_add(
         0, response_ids, logp
     )
-    return sums, _counts(response_ids, num_responses, acc)
+    return sums, response_counts(response_ids, num_responses, acc)

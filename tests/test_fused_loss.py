@@ -266,6 +266,20 @@ def test_bad_input_is_an_error():
         fused_preference_loss(hidden, weight, index, fn)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_preference_loss(hidden, weight, index, fn, ref_sums=ref, chunk_size=0)
+    lengths = torch.bincount(index.response_ids, minlength=index.num_responses).tolist()
+    with pytest.raises(ValueError, match="response_lengths"):
+        fused_preference_loss(hidden, weight, index, fn, ref_sums=ref, response_lengths=lengths[1:])
+    with pytest.raises(ValueError, match="response_lengths"):
+        bad = [lengths[1], lengths[0], *lengths[2:]]
+        fused_preference_loss(hidden, weight, index, fn, ref_sums=ref, response_lengths=bad)
+
+
+def test_host_side_lengths():
+    """Lengths from the packer instead of a device-to-host copy: the same result."""
+    hidden, weight, index, ref = make_case()
+    lengths = [n for pair in LENGTHS for n in pair]
+    assert_fused_matches_naive(hidden, weight, index, LOSSES["dpo"], ref, None, chunk_size=8,
+                               response_lengths=lengths)  # fmt: skip
 
 
 def test_bf16_inputs():
