@@ -294,3 +294,25 @@ def test_bf16_inputs():
     for a, b in zip(got_g, want_g, strict=True):
         assert a.dtype == torch.bfloat16
         assert (a.float() - b.float()).norm() / b.float().norm() < 2e-2
+
+
+@pytest.mark.parametrize("frozen", ["hidden", "weight", "both"])
+def test_frozen_inputs_and_no_grad(frozen):
+    """Only the inputs that need a grad get one (a frozen head, say); no grad at all (under
+    no_grad or with everything frozen) computes the loss alone."""
+    hidden, weight, index, _ = make_case()
+    hidden = hidden.detach() if frozen in ("hidden", "both") else hidden
+    weight = weight.detach() if frozen in ("weight", "both") else weight
+    cfg, trainable = LOSSES["simpo"], [t for t in (hidden, weight) if t.requires_grad]
+    out = fused_preference_loss(hidden, weight, index, pair_loss(cfg), chunk_size=6)
+    want = naive(hidden, weight, index, cfg)[0]
+    torch.testing.assert_close(out.loss.detach(), want.detach())
+    assert out.loss.requires_grad == bool(trainable)
+    if trainable:
+        got, ref = torch.autograd.grad(out.loss, trainable), torch.autograd.grad(want, trainable)
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        out = fused_preference_loss(hidden, weight, index, pair_loss(cfg), chunk_size=6)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, want.detach())
