@@ -10,9 +10,9 @@ This is the approach of Liger-Kernel's fused linear preference losses, here over
 ScoreIndex (shared-prompt rows included), with the byte-sized chunks of `simpo.logprobs`.
 
 Chunks follow pair boundaries: a chunk holds whole pairs while they fit. A pair with more
-scored tokens than a chunk's rows spills its first tokens into earlier chunks; those tokens'
-gradient waits for the pair's last token, and their logits are then recomputed (the 4th GEMM,
-for those tokens only: `pair tokens - rows` per such pair, see `plan_chunks`).
+scored tokens than a chunk's rows has its first `size - rows` tokens scored ahead (in chunks
+shared with other long pairs) and scored again once its loss is known: the 4th GEMM, for
+those tokens only (`plan_chunks`).
 """
 
 from __future__ import annotations
@@ -58,42 +58,54 @@ def pair_loss(cfg: Any) -> PairLoss:
     return lambda s, n, rs, rn: compute_loss(cfg, s, n, rs, rn)[0]
 
 
-def plan_chunks(pair_tokens: Sequence[int], rows: int) -> list[tuple[int, int]]:
-    """Token ranges [start, end) of the chunks, for pairs stored one after the other.
+class ChunkPlan(NamedTuple):
+    """The order in which `fused_preference_loss` scores the tokens of consecutive pairs."""
 
-    A chunk of at most `rows` tokens takes whole pairs while the next one fits. A pair longer
-    than `rows` fills up the open chunk (and whole chunks) with its first `size - rows` tokens
-    and gets a chunk of exactly its last `rows` tokens: those are scored when its loss is
-    known, the earlier ones are recomputed, so a pair recomputes `max(0, size - rows)` tokens.
+    heads: list[list[tuple[int, int]]]  # chunks of long pairs' first tokens, as token ranges
+    main: list[tuple[int, int]]  # contiguous chunks [start, end) that complete their pairs
+
+
+def plan_chunks(pair_tokens: Sequence[int], rows: int) -> ChunkPlan:
+    """Chunks of at most `rows` tokens, for pairs stored one after the other.
+
+    `main` chunks take whole pairs while the next one fits. A pair longer than `rows` gets a
+    main chunk of exactly its last `rows` tokens; its first `size - rows` tokens (its head)
+    go to `heads`, packed `rows` to a chunk across pairs. Heads are scored first, so every
+    main chunk completes the pairs it touches and forms their gradient at once; heads are
+    scored again at the end, once their pairs' gradients are known: `max(0, size - rows)`
+    tokens of each pair are scored twice.
     """
-    bounds: list[tuple[int, int]] = []
-    start = end = 0  # the open chunk is [start, end)
-
-    def close() -> None:
-        nonlocal start
-        if end > start:
-            bounds.append((start, end))
-        start = end
-
+    main: list[tuple[int, int]] = []
+    head_ranges: list[tuple[int, int]] = []
+    start = end = 0  # the open main chunk is [start, end)
     for size in pair_tokens:
-        if end - start + size <= rows:
+        if size > rows:
+            if end > start:
+                main.append((start, end))
+            head_ranges.append((end, end + size - rows))
+            main.append((end + size - rows, end + size))
+            start = end = end + size
+        elif end - start + size <= rows:
             end += size
-            continue
-        if size <= rows:
-            close()
-            end += size
-            continue
-        head = size - rows  # tokens scored before the pair's loss is known
-        while head:
-            take = min(head, rows - (end - start))
-            end, head = end + take, head - take
-            if end - start == rows:
-                close()
-        close()
-        end += rows
-        close()
-    close()
-    return bounds
+        else:
+            main.append((start, end))
+            start, end = end, end + size
+    if end > start:
+        main.append((start, end))
+    heads: list[list[tuple[int, int]]] = []
+    chunk: list[tuple[int, int]] = []
+    room = rows
+    for a, b in head_ranges:
+        while a < b:
+            take = min(b - a, room)
+            chunk.append((a, a + take))
+            a, room = a + take, room - take
+            if room == 0:
+                heads.append(chunk)
+                chunk, room = [], rows
+    if chunk:
+        heads.append(chunk)
+    return ChunkPlan(heads, main)
 
 
 def _pair_grads(
@@ -156,45 +168,51 @@ def _fused_pass(
     grad_weight = torch.zeros_like(weight, dtype=acc) if need[1] else None  # (V, D)
     pair_starts = [0, *pair_ends[:-1]]
     plan = plan_chunks([b - a for a, b in zip(pair_starts, pair_ends)], rows)
-    longest = max((e - s for s, e in plan), default=0)  # recomputed runs: <= rows = longest
-    buf = torch.empty(longest, vocab, dtype=acc, device=dev)  # the chunk's logits
-    done = 0  # pairs [0, done) have their losses and grad_sum
+    heads = [torch.cat([torch.arange(a, b, device=dev) for a, b in chunk]) for chunk in plan.heads]
+    longest = max([e - s for s, e in plan.main] + [len(h) for h in heads], default=0)
+    buf = torch.empty(longest, vocab, dtype=acc, device=dev)  # the chunk's logits (c, V)
+    need_any = need[0] or need[1]
+
+    def score(idx: slice | Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Logits (GEMM 1), logsumexp and log-probs of the tokens `idx`, into lse and sums."""
+        tgt = targets[idx]  # (c,)
+        z = logits_chunk_(hidden[hidden_index[idx]], weight, buf[: len(tgt)], softcap)
+        target_logit = z.gather(1, tgt[:, None]).squeeze(1)  # (c,)
+        if softcap is not None:
+            target_logit = target_logit * softcap
+        lse_c, prob_scale = lse_chunk_(z, softcap)
+        lse[idx] = lse_c
+        sums.index_add_(0, response_ids[idx], target_logit - lse_c)
+        return z, lse_c, prob_scale
+
+    def head_grads(idx: slice | Tensor, z: Tensor, lse_c: Tensor, scale_c: Tensor | None):
+        """Tokens `idx`, logits in z, pairs done: their share of the head's grads (GEMMs 2, 3)."""
+        g = grad_sum[response_ids[idx]]  # (c,)
+        dz = grad_logits_chunk_(z, g, targets[idx], lse_c, softcap, scale_c)
+        rows_h = hidden_index[idx]
+        accumulate_head_grads(dz, hidden[rows_h], rows_h, weight, grad_hidden, grad_weight)
 
     def finish(pairs: slice) -> None:
         grad_sum[2 * pairs.start : 2 * pairs.stop], pair_losses[pairs] = _pair_grads(
             loss_fn, sums, x.counts, x.ref_sums, x.ref_counts, pairs, scale
         )
 
-    def head_grads(s: int, e: int, z: Tensor, lse_c: Tensor, prob_scale: Tensor | None) -> None:
-        """Tokens [s, e), logits in z, pairs done: their share of the head's grads."""
-        g = grad_sum[response_ids[s:e]]  # (c,)
-        dz = grad_logits_chunk_(z, g, targets[s:e], lse_c, softcap, prob_scale)
-        rows_h = hidden_index[s:e]
-        accumulate_head_grads(dz, hidden[rows_h], rows_h, weight, grad_hidden, grad_weight)
-
-    for s, e in plan:
-        z = logits_chunk_(hidden[hidden_index[s:e]], weight, buf[: e - s], softcap)  # GEMM 1
-        target_logit = z.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
-        if softcap is not None:
-            target_logit = target_logit * softcap
-        lse_c, prob_scale = lse_chunk_(z, softcap)
-        lse[s:e] = lse_c
-        sums.index_add_(0, response_ids[s:e], target_logit - lse_c)
-        new = bisect.bisect_right(pair_ends, e, lo=done)  # pairs [done, new) end here
-        if new == done:
-            continue  # all of this chunk waits for a pair that goes on
-        finish(slice(done, new))
-        k = pair_ends[new - 1] - s  # the chunk's first k tokens: their pairs are done
-        if (need[0] or need[1]) and k > 0:
-            scale_k = None if prob_scale is None else prob_scale[:k]
-            head_grads(s, s + k, z[:k], lse_c[:k], scale_k)  # GEMMs 2 and 3
-        for a in range(pair_starts[done], s, rows) if need[0] or need[1] else ():
-            b = min(a + rows, s)  # a long pair's earlier tokens: logits recomputed
-            zr = logits_chunk_(hidden[hidden_index[a:b]], weight, buf[: b - a], softcap)
-            head_grads(a, b, zr, lse[a:b], None)
+    for idx in heads:  # long pairs' first tokens: only their log-probs for now
+        score(idx)
+    done = 0  # pairs [0, done) have their losses and grad_sum
+    for s, e in plan.main:
+        z, lse_c, prob_scale = score(slice(s, e))
+        new = bisect.bisect_right(pair_ends, e, lo=done)  # every pair here ends here
+        if new > done:
+            finish(slice(done, new))
         done = new
+        if need_any:
+            head_grads(slice(s, e), z, lse_c, prob_scale)
     if done < num_pairs:  # trailing pairs without scored tokens
         finish(slice(done, num_pairs))
+    for idx in heads if need_any else ():  # long pairs' first tokens again: logits recomputed
+        z = logits_chunk_(hidden[hidden_index[idx]], weight, buf[: len(idx)], softcap)
+        head_grads(idx, z, lse[idx], None)
     return pair_losses, sums, grad_hidden, grad_weight
 
 

@@ -1,5 +1,6 @@
 """The fused head + preference loss against full logits + compute_loss + autograd."""
 
+import bisect
 import dataclasses
 
 import pytest
@@ -239,18 +240,26 @@ def test_three_gemms_not_four():
 
 
 def test_plan_chunks():
-    sizes = [7, 11, 2, 13, 0, 4, 30]
+    sizes = [7, 11, 2, 13, 0, 4, 30, 3]
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
     for rows in [1, 3, 4, 8, 12, 13, 100]:
-        bounds = plan_chunks(sizes, rows)
-        flat = [t for s, e in bounds for t in range(s, e)]
-        assert flat == list(range(sum(sizes)))  # contiguous, in order, every token once
-        assert all(0 < e - s <= rows for s, e in bounds)
-        ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+        heads, main = plan_chunks(sizes, rows)
+        head_tokens = [t for chunk in heads for a, b in chunk for t in range(a, b)]
+        main_tokens = [t for s, e in main for t in range(s, e)]
+        assert sorted(head_tokens + main_tokens) == list(range(sum(sizes)))  # each token once
+        assert main_tokens == sorted(main_tokens)  # in order
+        assert all(0 < e - s <= rows for s, e in main)
+        assert all(0 < sum(b - a for a, b in chunk) <= rows for chunk in heads)
+        assert all(sum(b - a for a, b in chunk) == rows for chunk in heads[:-1])  # packed full
+        assert len(head_tokens) == sum(max(0, size - rows) for size in sizes)
         for size, end in zip(sizes, ends, strict=True):
             if 0 < size <= rows:  # a pair that fits is never split
-                assert any(s <= end - size and end <= e for s, e in bounds)
-            elif size > rows:  # a long pair ends with a chunk of exactly its last `rows` tokens
-                assert (end - rows, end) in bounds
+                assert any(s <= end - size and end <= e for s, e in main)
+            elif size > rows:  # a long pair: its last `rows` tokens are one main chunk
+                assert (end - rows, end) in main
+        for s, e in main:  # a main chunk completes every pair it touches (token t's pair
+            # is the first whose end is past t)
+            assert all(ends[bisect.bisect_right(ends, t)] <= e for t in range(s, e))
 
 
 def test_bad_input_is_an_error():
