@@ -14,8 +14,9 @@ the gradients alive, that is exact; for naive it is a lower bound: with a block 
 bytes, its forward holds two blocks (logits and log-probs) and its backward three (the
 log-probs and their incoming and outgoing gradients) before d weight exists, so subtracting
 G from its peak undercounts once G > B. The chunked paths hold one (chunk, V) buffer whose
-rows follow from the byte budget and are capped at 1/5 of one block (`chunk_rows`), i.e.
-<= 1/10 of naive's two. Results are checked equal (loss, d hidden, sampled rows of d weight).
+rows follow from the byte budget and are capped at 1/6 of one block (`chunk_rows`), i.e.
+<= 1/12 of naive's two. Results are checked equal (loss, d hidden, sampled rows of
+d weight). Workers run with `MALLOC_MMAP_THRESHOLD_=65536` (MALLOC_ENV), one thread each.
 
     python bench/kernel.py                  # time: V 256k, D 2048, N 1024 and 2048 (~40 min)
     python bench/kernel.py --quick          # V 32k, D 512, N 512 and 1024, plus a quick curve
@@ -54,6 +55,10 @@ VARIANTS = ("naive", "kernel", "fused")
 # whenever one is descheduled (a parallel index_add_ measured 300x slower), which charges the
 # variants with the most small kernel calls; --threads changes it.
 OPTIONS = {"threads": 1}
+# glibc maps every allocation above 64 KiB on its own, so a freed tensor leaves the RSS at
+# once. Its default (a threshold that grows to 32 MiB) keeps freed chunk-sized blocks resident
+# in its heap: up to ~30 MiB more peak RSS, as much as a small chunk buffer itself.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _rss_peak() -> int:
@@ -129,7 +134,8 @@ def run(variant: str, n: int, vocab: int, dim: int, response: int, budget: int, 
     cmd = [sys.executable, __file__, "--worker", variant, "--sizes", str(n), "--vocab",
            str(vocab), "--dim", str(dim), "--response", str(response), "--chunk-mib",
            str(budget / MIB), "--threads", str(OPTIONS["threads"]), "--out", out]  # fmt: skip
-    stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = os.environ | MALLOC_ENV
+    stdout = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return {**json.loads(stdout.strip().splitlines()[-1]), "data": torch.load(out)}
 
 

@@ -32,7 +32,7 @@ class ModelConfig:
         "auto", "attention backend: auto (flex on CUDA, sdpa on CPU)", ("auto", "flex", "sdpa")
     )
     logits_chunk_mib: int = _f(
-        1024, "MiB for the lm_head's (chunk, vocab) logits buffer (at most 1/5 of the N x V logits)"
+        1024, "MiB for the lm_head's (chunk, vocab) logits buffer (at most 1/6 of the N x V logits)"
     )
     tiny_dim: int = _f(64, "hidden size of the tiny random model built when model.path is empty")
     tiny_layers: int = _f(2, "layers of the tiny random model")

@@ -40,7 +40,7 @@ class ScoreIndex(NamedTuple):
 
 
 DEFAULT_CHUNK_BYTES = 1 << 30  # 1 GiB: 1,024 fp32 rows at V = 256k, 8,192 at V = 32k
-LOGITS_FRACTION = 5  # a chunk never holds more than 1/5 of the full (N, V) fp32 logits
+LOGITS_FRACTION = 6  # a chunk never holds more than 1/6 of the full (N, V) fp32 logits
 SOFTCAP_SPLIT = 8  # soft-capped chunks are exponentiated in 8 column slices (a 1/8 temporary)
 
 
@@ -52,14 +52,15 @@ def chunk_rows(
     softcap: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> int:
-    """Scored tokens per chunk: as many as fit in `chunk_bytes`, and at most 1/5 of N's worth.
+    """Scored tokens per chunk: as many as fit in `chunk_bytes`, and at most 1/6 of N's worth.
 
     A row of a chunk costs its (V,) logits in the accumulation dtype, a (V,) copy in the GEMM
     dtype when that is lower (bf16 GEMM output, bf16 grad), 1/8 of a row more with a soft-cap
     (`SOFTCAP_SPLIT`) and its gathered hidden row and hidden grad (2 x D). The second cap keeps
-    the kernel's buffers at <= 1/5 of one (N, V) fp32 block, so <= 1/10 of what the naive
+    the kernel's buffers at <= 1/6 of one (N, V) fp32 block, so <= 1/12 of what the naive
     path needs at any N and D: its forward alone holds two such blocks (logits, log-probs),
-    its backward three. The byte budget bounds the absolute size at large N.
+    its backward three. (1/12 leaves room for what the buffers do not count, e.g. the GEMM
+    library's workspace, ~8 MiB on CPU.) The byte budget bounds the size at large N.
     """
     acc = torch.promote_types(dtype, torch.float32).itemsize
     low = dtype.itemsize if dtype.itemsize < acc else 0
@@ -274,7 +275,7 @@ def response_logprobs(
         num_responses: R; responses with no scored token get sum 0 and count 0.
         softcap: Gemma-2 `final_logit_softcapping`, applied before the log-softmax.
         chunk_bytes: memory budget of the chunk buffers; rows per chunk = `chunk_rows(...)`
-            (also capped at 1/5 of the full (N, V) fp32 logits).
+            (also capped at 1/6 of the full (N, V) fp32 logits).
         chunk_size: scored tokens per chunk, overriding `chunk_bytes` (tests, benchmarks).
 
     Returns:
