@@ -136,6 +136,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
             ref_model = build_model(
                 ref_dir, world, tc.precision, attention=cfg.model.attention, trainable=False
             )
+            ref_model.logits_chunk_bytes = cfg.model.logits_chunk_mib * 2**20
     reference = reference_for(ref_tables.get("train"), ref_model)
 
     # --- policy: built on meta, FSDP2-sharded, loaded shard-wise; AdamW with fp32 state ---
@@ -143,6 +144,7 @@ def train(cfg: Config, world: World) -> dict[str, float]:
         tc.activation_checkpointing == "auto" and world.device.type == "cuda"
     )
     model = build_model(model_dir, world, tc.precision, ac, tc.compile, cfg.model.attention)
+    model.logits_chunk_bytes = cfg.model.logits_chunk_mib * 2**20
     matrices = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases
     others = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(

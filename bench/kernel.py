@@ -1,13 +1,26 @@
-"""Benchmark: the chunked log-prob kernel against naive full logits, forward + backward, fp32 CPU.
+"""Benchmark: the head's three paths for a SimPO loss, forward + backward, fp32 CPU.
 
-Each (variant, N) runs in its own subprocess, so peak RSS (`ru_maxrss`) belongs to that run
-alone. "extra" is the peak minus the RSS once the inputs exist; "work" is extra minus the
-gradients both variants must return (d hidden (N, D) and d weight (V, D)), i.e. the memory the
-computation itself needs: O(N x V) for naive, O(chunk x V) for the kernel. Results are checked
-equal (sums, d hidden, sampled rows of d weight). The last line printed is the headline.
+- naive: full (N, V) logits, `naive_response_logprobs`, `compute_loss`, autograd (3 GEMMs);
+- kernel: the two-pass chunked `response_logprobs` + `compute_loss` (4 GEMMs: the backward
+  recomputes the logits); the path scoring and the reference pass use;
+- fused: `fused_preference_loss` (3 GEMMs: the loss gradient is formed in the forward).
 
-    python bench/kernel.py             # V = 256,000, D = 2,048, N = 2,048 and 4,096 (minutes)
-    python bench/kernel.py --quick     # V = 32,000, D = 512, N = 256 and 512, chunk 128
+Each (variant, size) runs in its own subprocess, so peak RSS (`ru_maxrss`) belongs to that
+run alone. "extra" is the peak minus the RSS once the inputs exist. "work" is the memory the
+computation needs beyond the gradients every variant returns (d hidden (N, D), d weight
+(V, D), fp32, G bytes): the larger of the forward's peak (minus G for fused, which allocates
+them there) and the whole run's peak minus G. For the chunked paths, whose peaks come with
+the gradients alive, that is exact; for naive it is a lower bound: with a block B = 4NV
+bytes, its forward holds two blocks (logits and log-probs) and its backward three (the
+log-probs and their incoming and outgoing gradients) before d weight exists, so subtracting
+G from its peak undercounts once G > B. The chunked paths hold one (chunk, V) buffer whose
+rows follow from the byte budget and are capped at 1/6 of one block (`chunk_rows`), i.e.
+<= 1/12 of naive's two. Results are checked equal (loss, d hidden, sampled rows of
+d weight). Workers run with `MALLOC_MMAP_THRESHOLD_=65536` (MALLOC_ENV), one thread each.
+
+    python bench/kernel.py                  # time: V 256k, D 2048, N 1024 and 2048 (~40 min)
+    python bench/kernel.py --quick          # V 32k, D 512, N 512 and 1024, plus a quick curve
+    python bench/kernel.py --curve          # memory: N 1k..32k x V 32k..256k at D 64
 """
 
 from __future__ import annotations
@@ -25,10 +38,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simpo.logprobs import naive_response_logprobs, response_logprobs  # noqa: E402
+from simpo.config import LossConfig  # noqa: E402
+from simpo.fused_loss import fused_preference_loss, pair_loss  # noqa: E402
+from simpo.logprobs import (  # noqa: E402
+    DEFAULT_CHUNK_BYTES,
+    ScoreIndex,
+    chunk_rows,
+    naive_response_logprobs,
+    response_logprobs,
+)
+from simpo.losses import compute_loss  # noqa: E402
 
-GIB = 2**30
-RESPONSE_TOKENS = 256  # scored tokens per response
+GIB, MIB = 2**30, 2**20
+VARIANTS = ("naive", "kernel", "fused")
+# One thread per worker: on this shared 2-core box two OpenMP threads spin-wait for each other
+# whenever one is descheduled (a parallel index_add_ measured 300x slower), which charges the
+# variants with the most small kernel calls; --threads changes it.
+OPTIONS = {"threads": 1}
+# glibc maps every allocation above 64 KiB on its own, so a freed tensor leaves the RSS at
+# once. Its default (a threshold that grows to 32 MiB) keeps freed chunk-sized blocks resident
+# in its heap: up to ~30 MiB more peak RSS, as much as a small chunk buffer itself.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _rss_peak() -> int:
@@ -40,38 +70,53 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(variant: str, n: int, vocab: int, dim: int, chunk: int, out: str) -> None:
+def forward(variant: str, hidden, weight, score: ScoreIndex, chunk_bytes: int) -> torch.Tensor:
+    """The SimPO loss over the batch's pairs (mean over pairs), ready for its backward."""
+    cfg, scale = LossConfig(), 2 / score.num_responses
+    if variant == "fused":
+        loss = fused_preference_loss(
+            hidden, weight, score, pair_loss(cfg), scale, chunk_bytes=chunk_bytes
+        ).loss
+    else:
+        fn = naive_response_logprobs if variant == "naive" else response_logprobs
+        kw = {} if variant == "naive" else {"chunk_bytes": chunk_bytes}
+        sums, counts = fn(hidden, weight, *score, **kw)
+        loss = compute_loss(cfg, sums, counts)[0].sum() * scale
+    return loss
+
+
+def make_inputs(n: int, vocab: int, dim: int, response: int, seed: int = 0):
+    """Hidden (N, D), weight (V, D), and N scored tokens in responses of `response` tokens
+    (2 per pair), each predicted by its own hidden row."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=g).requires_grad_()
+    weight = torch.randn(vocab, dim, generator=g).mul_(0.02).requires_grad_()  # no temporary
+    rows = torch.arange(n)
+    score = ScoreIndex(rows, torch.randint(0, vocab, (n,), generator=g), rows // response,
+                       n // response)  # fmt: skip
+    return hidden, weight, score
+
+
+def worker(variant: str, n: int, vocab: int, dim: int, response: int, budget: int, out: str):
     """One forward + backward of `variant`; prints a JSON line, saves results to `out`."""
+    torch.set_num_threads(OPTIONS["threads"])
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")  # if memory runs out after all, this process is the one to go
-    fn = response_logprobs if variant == "kernel" else naive_response_logprobs
-    kw = {"chunk_size": chunk} if variant == "kernel" else {}
-
-    def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(len(targets))  # hidden row t scores token t
-        ids = rows // RESPONSE_TOKENS  # responses straddle chunk borders
-        sums, _ = fn(hidden, weight, rows, targets, ids, int(ids[-1]) + 1, **kw)
-        upstream = torch.linspace(-1, 1, len(sums))  # d loss / d sum per response
-        (sums * upstream).sum().backward()
-        return sums.detach()
-
-    # warm-up on tiny inputs: libraries load and first-call costs are paid before measuring
-    step(
-        torch.randn(8, dim, requires_grad=True),
-        torch.randn(64, dim, requires_grad=True),
-        torch.arange(8),
-    )
-    torch.manual_seed(0)
-    hidden = torch.randn(n, dim).requires_grad_()  # (N, D)
-    weight = torch.randn(vocab, dim).mul_(0.02).requires_grad_()  # (V, D), no temporary
-    targets = torch.randint(0, vocab, (n,))
-    base, start = _rss_now(), time.perf_counter()
-    sums = step(hidden, weight, targets)
-    seconds, extra = time.perf_counter() - start, _rss_peak() - base
-    grads = (hidden.numel() + weight.numel()) * 4  # d hidden, d weight: both variants return them
-    rows = torch.cat([targets[:256], torch.arange(256)])  # sampled rows of d weight (V, D)
-    torch.save({"sums": sums, "d_hidden": hidden.grad, "d_weight": weight.grad[rows]}, out)
-    print(json.dumps({"seconds": seconds, "extra": extra, "work": extra - grads}))
+    forward(variant, *make_inputs(2 * response, 64, dim, response), budget).backward()  # warm-up
+    hidden, weight, score = make_inputs(n, vocab, dim, response)
+    base, start, cpu = _rss_now(), time.perf_counter(), time.process_time()
+    loss = forward(variant, hidden, weight, score, budget)
+    forward_extra = _rss_peak() - base
+    loss.backward()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    extra = _rss_peak() - base
+    grads = (hidden.numel() + weight.numel()) * 4  # d hidden, d weight: every variant's output
+    work = max(forward_extra - (grads if variant == "fused" else 0), extra - grads)
+    rows = torch.cat([score.targets[:256], torch.arange(256)])  # sampled rows of d weight
+    data = {"loss": loss.detach(), "d_hidden": hidden.grad, "d_weight": weight.grad[rows]}
+    torch.save(data, out)
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "extra": extra, "work": work,
+                      "forward_extra": forward_extra}))  # fmt: skip
 
 
 def _available() -> int:
@@ -83,62 +128,140 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
-def _run(variant: str, n: int, vocab: int, dim: int, chunk: int, tmp: str) -> dict:
+def run(variant: str, n: int, vocab: int, dim: int, response: int, budget: int, tmp: str):
     """`worker` in a fresh process: its JSON line plus the saved results under "data"."""
     out = os.path.join(tmp, f"{variant}.pt")
-    cmd = [sys.executable, __file__, "--worker", variant, "--sizes", str(n), "--vocab", str(vocab),
-           "--dim", str(dim), "--chunk", str(chunk), "--out", out]  # fmt: skip
-    stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cmd = [sys.executable, __file__, "--worker", variant, "--sizes", str(n), "--vocab",
+           str(vocab), "--dim", str(dim), "--response", str(response), "--chunk-mib",
+           str(budget / MIB), "--threads", str(OPTIONS["threads"]), "--out", out]  # fmt: skip
+    env = os.environ | MALLOC_ENV
+    stdout = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return {**json.loads(stdout.strip().splitlines()[-1]), "data": torch.load(out)}
+
+
+def naive_fits(n: int, vocab: int, dim: int, limit: float) -> bool:
+    """Whether naive's three (N, V) blocks, weights and grads fit in `limit` bytes."""
+    return 3 * n * vocab * 4 + 2 * vocab * dim * 4 + GIB <= min(limit, 0.8 * _available())
+
+
+def naive_bound(n: int, vocab: int) -> int:
+    """Naive's work memory, at least: the two fp32 (N, V) blocks its forward holds."""
+    return 2 * 4 * n * vocab
+
+
+def time_table(sizes, vocab, dim, response, budget, quick) -> str:
+    print(f"naive vs kernel vs fused, SimPO loss, forward + backward: V={vocab:,} D={dim:,} "
+          f"{response}-token responses, chunk budget {budget / MIB:.0f} MiB, fp32 CPU, "
+          f"torch {torch.__version__}, {OPTIONS['threads']} thread(s) per worker\n")  # fmt: skip
+    print(
+        "| N | rows/chunk | variant | time s | CPU s | extra GiB | work GiB | work / naive "
+        "| max rel diff vs naive: loss, d hidden, d weight |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            if not naive_fits(n, vocab, dim, 22 * GIB):
+                print(f"| {n:,} | skipped: naive needs more memory than is free | | | | | | | |")
+                continue
+            rows = chunk_rows(n, vocab, dim, chunk_bytes=budget)
+            r = {v: run(v, n, vocab, dim, response, budget, tmp) for v in VARIANTS}
+            for v in VARIANTS:
+                diff = ", ".join(f"{_rel(r[v]['data'][k], r['naive']['data'][k]):.1e}"
+                                 for k in ("loss", "d_hidden", "d_weight"))  # fmt: skip
+                print(f"| {n:,} | {rows} | {v} | {r[v]['seconds']:.1f} | {r[v]['cpu']:.1f} | "
+                      f"{r[v]['extra'] / GIB:.2f} | {r[v]['work'] / GIB:.3f} | "
+                      f"{r[v]['work'] / r['naive']['work']:.3f} | "
+                      f"{'reference' if v == 'naive' else diff} |")  # fmt: skip
+            ratios.append({v: {k: r[v][k] / r["naive"][k] for k in ("seconds", "cpu", "work")}
+                           for v in ("kernel", "fused")})  # fmt: skip
+    if not ratios:
+        return "time: not measured (not enough memory for naive)"
+    worst = {v: {k: max(x[v][k] for x in ratios) for k in ("seconds", "cpu", "work")}
+             for v in ("kernel", "fused")}  # fmt: skip
+    note = "quick sizes; " if quick else ""
+    fused, kernel = worst["fused"], worst["kernel"]
+    return (f"time: fused {fused['seconds']:.2f}x naive (CPU {fused['cpu']:.2f}x), "
+            f"kernel {kernel['seconds']:.2f}x (CPU {kernel['cpu']:.2f}x); work memory fused "
+            f"{worst['fused']['work']:.3f}x, kernel {worst['kernel']['work']:.3f}x naive "
+            f"({note}worst over N; goals <= 1.0x time, <= 0.125x memory)")  # fmt: skip
+
+
+def curve_table(sizes, vocabs, dim, response, budget, quick) -> str:
+    """Work memory of kernel and fused over N x V, against naive's two-block bound; naive
+    measured too where it fits, to show that it holds at least those two blocks."""
+    print(f"\nmemory curve: D={dim}, {response}-token responses, chunk budget "
+          f"{budget / MIB:.0f} MiB, fp32 CPU; naive = two (N, V) fp32 blocks (its forward's "
+          "logits and log-probs), measured where it fits in 6 GiB\n")  # fmt: skip
+    print(
+        "| N | V | rows/chunk | naive: 2 blocks GiB | naive measured: forward, work GiB "
+        "| kernel work MiB | fused work MiB | kernel / naive | fused / naive |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    worst = {"kernel": 0.0, "fused": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        for vocab in vocabs:
+            for n in sizes:
+                r = {v: run(v, n, vocab, dim, response, budget, tmp) for v in ("kernel", "fused")}
+                bound, measured = naive_bound(n, vocab), "not run (too large)"
+                if naive_fits(n, vocab, dim, 6 * GIB):
+                    m = run("naive", n, vocab, dim, response, budget, tmp)
+                    measured = f"{m['forward_extra'] / GIB:.3f}, {m['work'] / GIB:.3f}"
+                ratios = {v: r[v]["work"] / bound for v in r}
+                for k, x in ratios.items():
+                    worst[k] = max(worst[k], x)
+                print(f"| {n:,} | {vocab:,} | {chunk_rows(n, vocab, dim, chunk_bytes=budget)} | "
+                      f"{bound / GIB:.3f} | {measured} | {r['kernel']['work'] / MIB:.1f} | "
+                      f"{r['fused']['work'] / MIB:.1f} | {ratios['kernel']:.4f} | "
+                      f"{ratios['fused']:.4f} |", flush=True)  # fmt: skip
+    note = "quick grid; " if quick else ""
+    return (
+        f"curve: work memory <= {worst['kernel']:.3f}x naive (kernel), "
+        f"{worst['fused']:.3f}x (fused) ({note}worst over the grid; goal <= 0.125x)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for `make bench`")
+    parser.add_argument("--curve", action="store_true", help="the memory curve over N x V")
     parser.add_argument("--sizes", default=None, help="comma-separated N (scored tokens)")
-    parser.add_argument("--vocab", type=int, default=None)
+    parser.add_argument("--vocab", default=None, help="V (comma-separated for --curve)")
     parser.add_argument("--dim", type=int, default=None)
-    parser.add_argument("--chunk", type=int, default=None, help="kernel chunk_size")
-    parser.add_argument("--worker", choices=["kernel", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--response", type=int, default=None, help="tokens per response")
+    parser.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_BYTES / MIB)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    vocab = args.vocab or (32_000 if args.quick else 256_000)
-    dim = args.dim or (512 if args.quick else 2048)
-    chunk = args.chunk or (128 if args.quick else 1024)  # same N / chunk ratios in both modes
-    sizes = [int(s) for s in (args.sizes or ("256,512" if args.quick else "2048,4096")).split(",")]
+    budget = int(args.chunk_mib * MIB)
+    OPTIONS["threads"] = args.threads
     if args.worker:
-        return worker(args.worker, sizes[0], vocab, dim, chunk, args.out)
+        n, vocab = int(args.sizes), int(args.vocab)
+        return worker(args.worker, n, vocab, args.dim, args.response, budget, args.out)
 
-    print(f"kernel vs naive, forward + backward: V={vocab:,} D={dim:,} chunk={chunk} fp32 CPU, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
-    print("| N | variant | time s | extra GiB | work GiB | max rel diff: sum, d hidden, d weight |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    ratios = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:
-            # naive peaks with 3 fp32 (N, V) blocks alive (saved log-softmax, its incoming and
-            # outgoing grads) next to weight and its grad; never run it into the OOM killer
-            need = 3 * n * vocab * 4 + 2 * vocab * dim * 4 + GIB
-            if need > 0.9 * _available():
-                print(f"| {n:,} | skipped: naive needs ~{need / GIB:.1f} GiB | | | | |")
-                continue
-            naive = _run("naive", n, vocab, dim, chunk, tmp)
-            kernel = _run("kernel", n, vocab, dim, chunk, tmp)
-            keys = ("sums", "d_hidden", "d_weight")
-            diff = ", ".join(f"{_rel(kernel['data'][k], naive['data'][k]):.1e}" for k in keys)
-            for name, r, note in (("naive", naive, "reference"), ("kernel", kernel, diff)):
-                print(f"| {n:,} | {name} | {r['seconds']:.1f} | {r['extra'] / GIB:.2f} | "
-                      f"{r['work'] / GIB:.2f} | {note} |")  # fmt: skip
-            ratios.append([kernel[k] / naive[k] for k in ("work", "extra", "seconds")])
-    if not ratios:
-        print("headline: not measured (not enough memory for naive)")
-        return
-    work, extra, speed = (max(r[i] for r in ratios) for i in range(3))
-    note = "quick sizes, fixed costs dominate; " if args.quick else ""
-    print(
-        f"headline: kernel work memory = {work:.3f}x naive (extra incl. grads {extra:.2f}x), "
-        f"time = {speed:.2f}x naive ({note}worst over N; targets <= 0.125x, <= 1.3x)"
-    )
+    headlines = []
+    if not args.curve:
+        sizes = args.sizes or ("512,1024" if args.quick else "1024,2048")
+        vocab = int(args.vocab or (32_000 if args.quick else 256_000))
+        dim = args.dim or (512 if args.quick else 2048)
+        response = args.response or (32 if args.quick else 128)
+        sizes = [int(s) for s in sizes.split(",")]
+        headlines.append(time_table(sizes, vocab, dim, response, budget, args.quick))
+    if args.curve or args.quick:
+        full = "1024,2048,4096,8192,16384,32768"
+        sizes = [int(s) for s in (args.sizes if args.curve and args.sizes else
+                                  ("1024,2048" if args.quick else full)).split(",")]  # fmt: skip
+        vocab_list = args.vocab if args.curve and args.vocab else "32000,256000"
+        vocab_list = "32000,128000" if args.quick and not args.vocab else vocab_list
+        vocabs = [int(v) for v in vocab_list.split(",")]
+        dim = args.dim if args.curve and args.dim else 64
+        response = args.response if args.curve and args.response else 256
+        headlines.append(curve_table(sizes, vocabs, dim, response, budget, args.quick))
+    print()
+    for line in headlines[:-1]:
+        print(line)
+    print("headline: " + " | ".join(headlines))
 
 
 if __name__ == "__main__":

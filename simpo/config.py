@@ -51,6 +51,9 @@ class ModelConfig:
         "attention backend: auto (flex on CUDA, sdpa on CPU), or dense (reference)",
         BACKENDS,
     )
+    logits_chunk_mib: int = _f(
+        1024, "MiB for the lm_head's (chunk, vocab) logits buffer (at most 1/6 of the N x V logits)"
+    )
     tiny_dim: int = _f(64, "hidden size of the tiny random model built when model.path is empty")
     tiny_layers: int = _f(2, "layers of the tiny random model")
     tiny_vocab: int = _f(512, "vocabulary of the tokenizer trained for the tiny random model")
@@ -322,6 +325,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # key -> (test, what is expected): values that type-check but make a run meaningless
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.tiny_dim": (lambda v: v >= 16, ">= 16"),
+    "model.logits_chunk_mib": (lambda v: v >= 1, ">= 1"),
     "model.tiny_layers": (lambda v: v >= 1, ">= 1"),
     "model.tiny_vocab": (lambda v: v >= 64, ">= 64"),
     "data.max_length": (lambda v: v >= 1, ">= 1"),

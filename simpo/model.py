@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simpo.attention import Layout, attend, masked_attention
-from simpo.logprobs import ScoreIndex, response_logprobs
+from simpo.logprobs import DEFAULT_CHUNK_BYTES, ScoreIndex, response_logprobs
 from simpo.world import copy_full_
 
 if TYPE_CHECKING:
@@ -218,11 +218,18 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """attn_backend: "auto" (flex on CUDA, SDPA on CPU), "sdpa" or "flex"; a run-time choice."""
+    """attn_backend: "auto" (flex on CUDA, SDPA on CPU), "sdpa", "flex" or "dense"; a run-time
+    choice. logits_chunk_bytes: the fused head's chunk budget (train.py: model.logits_chunk_mib)."""
 
-    def __init__(self, args: ModelArgs, attn_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        args: ModelArgs,
+        attn_backend: str = "auto",
+        logits_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
         super().__init__()
         self.args, self.attn_backend = args, attn_backend
+        self.logits_chunk_bytes = logits_chunk_bytes
         self.model = Backbone(args, attn_backend)
         self.lm_head: nn.Linear | None = None  # tied: the head is the embedding
         if not args.tie_word_embeddings:
@@ -287,6 +294,7 @@ class Transformer(nn.Module):
         return response_logprobs(
             hidden.flatten(0, 1), self.head_weight, score.hidden_index, score.targets,
             score.response_ids, score.num_responses, softcap=cap,
+            chunk_bytes=self.logits_chunk_bytes,
         )  # fmt: skip
 
     @torch.no_grad()

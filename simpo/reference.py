@@ -116,6 +116,7 @@ def precompute_reference(
     model = build_model(
         model_dir, world, cfg.train.precision, attention=cfg.model.attention, trainable=False
     )
+    model.logits_chunk_bytes = cfg.model.logits_chunk_mib * 2**20
     for split, (key, path) in todo.items():
         t0 = time.perf_counter()
         index, sums, counts = score_pairs(

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from simpo.logprobs import ScoreIndex, naive_response_logprobs, response_logprobs
+from simpo.logprobs import (
+    DEFAULT_CHUNK_BYTES,
+    ScoreIndex,
+    chunk_rows,
+    naive_response_logprobs,
+    response_logprobs,
+)
 
 N_H, D, V, N, R = 40, 16, 97, 33, 7  # hidden rows, width, vocab, scored tokens, responses
 
@@ -43,6 +49,49 @@ def test_kernel_matches_naive_fp32(softcap, chunk_size):
     for name, a, b in zip(["sum", "count", "d_hidden", "d_weight"], got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("chunk_bytes", [1, 5 * V * 4, DEFAULT_CHUNK_BYTES])
+def test_kernel_with_byte_budget_matches_naive(softcap, chunk_bytes):
+    hidden, weight, index = make_case()
+    got = value_and_grads(
+        response_logprobs, hidden, weight, index, softcap=softcap, chunk_bytes=chunk_bytes
+    )
+    want = value_and_grads(naive_response_logprobs, hidden, weight, index, softcap=softcap)
+    for name, a, b in zip(["sum", "count", "d_hidden", "d_weight"], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_chunk_rows_from_bytes():
+    mib, v, d = 2**20, 32_000, 512
+    fp32_row = v * 4 + 2 * d * 4  # logits + gathered hidden row + its grad
+    assert chunk_rows(10**6, v, d, chunk_bytes=64 * mib) == 64 * mib // fp32_row
+    bf16_row = v * (4 + 2) + 2 * d * 4  # + the bf16 GEMM output / grad copy
+    assert chunk_rows(10**6, v, d, torch.bfloat16, chunk_bytes=64 * mib) == 64 * mib // bf16_row
+    capped_row = fp32_row + v // 8 * 4  # + the soft-cap's column-slice temporary
+    assert chunk_rows(10**6, v, d, softcap=30.0, chunk_bytes=64 * mib) == 64 * mib // capped_row
+    assert chunk_rows(10**6, v, d, chunk_bytes=1) == 1  # never below one row
+    assert chunk_rows(3, v, d, chunk_bytes=1 << 40) == 1  # 1/6 of 3 rows rounds to one
+    assert chunk_rows(10**6, 256_000, 2048) == 1032  # the default 1 GiB at large N, V = 256k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_chunk_buffers_stay_a_sixth_of_the_logits(dtype, softcap):
+    """At every N from 1k to 32k and V from 32k to 256k the chunk's buffers take <= 1/6 of
+    one fp32 (N, V) logits block, whatever the byte budget: 1/12 of the two blocks that the
+    naive path's forward holds (logits and log-probs)."""
+    for n in [1024, 1500, 2048, 4096, 8192, 16384, 32768]:
+        for v in [32_000, 32_768, 128_256, 151_936, 256_000]:
+            for d in [2048, 4096]:
+                for budget in [DEFAULT_CHUNK_BYTES, 1 << 34]:
+                    rows = chunk_rows(n, v, d, dtype, softcap, budget)
+                    acc, low = 4, 2 if dtype == torch.bfloat16 else 0
+                    extra = -(-v // 8) * acc if softcap else 0
+                    per_row = v * (acc + low) + extra + 2 * d * acc
+                    assert rows * per_row <= n * v * 4 / 6, (n, v, d)
+                    assert (rows + 1) * per_row > min(budget, n * v * 4 / 6)  # the most that fit
 
 
 def test_counts_and_empty_response():

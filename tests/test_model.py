@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import pytest
 import torch
 from hf_tiny import FAMILIES, cached_tiny_hf, load_hf, one_thread  # noqa: F401
 
+import simpo.model
 from simpo.demo.tiny import tiny_args, tiny_hf_config
 from simpo.hf import hf_config_dict, load_model, read_hf_config
-from simpo.logprobs import ScoreIndex
+from simpo.logprobs import DEFAULT_CHUNK_BYTES, ScoreIndex, response_logprobs
 from simpo.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,3 +205,25 @@ def test_score_path_equals_logits(family: str) -> None:
         torch.testing.assert_close(g, r.float(), atol=1e-5, rtol=1e-4)
     head = next(g for p, g in zip(params, got, strict=True) if p is model.head_weight)
     assert head.abs().max() > 0.1  # not a vacuous zeros == zeros
+
+
+def test_logits_chunk_bytes_reaches_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model.logits_chunk_bytes` (train.py sets it from model.logits_chunk_mib) is the
+    head's chunk budget; the sums do not depend on it."""
+    seen: dict[str, Any] = {}
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return response_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(simpo.model, "response_logprobs", spy)
+    model = Transformer(tiny_args("llama"))
+    model.init_weights(seed=0, std=0.1)
+    ids, pos = _inputs("llama")
+    score = ScoreIndex(torch.arange(4, 20), ids.flatten()[5:21], torch.arange(16) // 9, 2)
+    default, _ = model(ids, score=score, position_ids=pos)
+    assert seen["chunk_bytes"] == DEFAULT_CHUNK_BYTES
+    model.logits_chunk_bytes = 1  # one row per chunk
+    small, _ = model(ids, score=score, position_ids=pos)
+    assert seen["chunk_bytes"] == 1
+    torch.testing.assert_close(small, default)
