@@ -71,7 +71,7 @@ BF16_PURE_WARNING = (
     "AdamW update (~lr per weight) vanishes. Use bf16-mixed (fp32 master weights) unless you "
     "know why."
 )
-NOT_METRICS = {"loss", "tokens", "ctx", "stop"}  # train_step sums that are not per-pair metrics
+NOT_PER_PAIR = ("loss", "tokens", "ctx", "stop", "logit_sum/", "logit_count/")  # see train_step
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -205,7 +205,12 @@ def train(cfg: Config, world: World) -> dict[str, float]:
 
             record = {"step": done, "epoch": epoch_of(step, tc.batch_size, len(pairs))}
             record |= {"loss": loss, "lr": lr, "grad_norm": grad_norm}
-            record |= {k: v / tc.batch_size for k, v in totals.items() if k not in NOT_METRICS}
+            record |= {
+                k: v / tc.batch_size for k, v in totals.items() if not k.startswith(NOT_PER_PAIR)
+            }
+            for name in ("chosen", "rejected"):  # token-weighted, over response positions
+                n = totals.get(f"logit_count/{name}", 0.0)
+                record[f"logits/{name}"] = totals.get(f"logit_sum/{name}", 0.0) / max(n, 1.0)
             record["tokens_per_s"] = totals["tokens"] / dt
             if peak is not None:
                 flops = train_flops(model.args, n_matmul, int(totals["tokens"]), int(totals["ctx"]))

@@ -281,10 +281,12 @@ class Transformer(nn.Module):
         score: ScoreIndex | None = None,
         cache: KVCache | None = None,
         position_ids: Tensor | None = None,
+        logit_sums: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, V); or, with `score`, per-response (sum, count) of target log-probs.
 
-        The fused head runs here, inside forward, so FSDP2 unshards its weight.
+        The fused head runs here, inside forward, so FSDP2 unshards its weight. `logit_sums`
+        (R,), optional: gets each response's sum of mean logits (the official logits/* metric).
         """
         hidden = self.hidden_states(input_ids, layout, cache, position_ids)  # (B, T, dim)
         cap = self.args.final_softcap
@@ -294,7 +296,7 @@ class Transformer(nn.Module):
         return response_logprobs(
             hidden.flatten(0, 1), self.head_weight, score.hidden_index, score.targets,
             score.response_ids, score.num_responses, softcap=cap,
-            chunk_bytes=self.logits_chunk_bytes,
+            chunk_bytes=self.logits_chunk_bytes, logit_sums=logit_sums,
         )  # fmt: skip
 
     @torch.no_grad()

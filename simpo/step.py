@@ -44,7 +44,8 @@ def train_step(
 
     Returns this rank's sums over its pairs, to be reduced over ranks and divided by
     `batch_size`: "loss" and every compute_loss metric (0-dim tensors, not yet synchronised
-    with the host), plus "tokens" (real tokens) and "ctx" (attention context, for MFU).
+    with the host), plus "tokens" (real tokens), "ctx" (attention context, for MFU) and
+    "logit_sum/*", "logit_count/*" (the official logits/chosen|rejected = sum / count).
     """
     if grad_sync not in GRAD_SYNCS:
         raise ValueError(f"grad_sync must be one of {GRAD_SYNCS}, got {grad_sync!r}")
@@ -53,7 +54,10 @@ def train_step(
     try:
         for i, mb in enumerate(on_device):
             set_grad_sync(model, grad_sync == "every" or i == len(on_device) - 1)
-            policy_sum, policy_count = model(mb.input_ids, mb.layout, mb.score)  # (2P,) each
+            logit_sums = torch.zeros(mb.score.num_responses, device=world.device)  # (2P,)
+            policy_sum, policy_count = model(
+                mb.input_ids, mb.layout, mb.score, logit_sums=logit_sums
+            )  # (2P,) each
             ref_sum, ref_count = reference(mb) if reference is not None else (None, None)
             losses, metrics = compute_loss(
                 loss_cfg, policy_sum, policy_count, ref_sum, ref_count, check_counts=False
@@ -61,6 +65,13 @@ def train_step(
             (losses.sum() * world.world_size / batch_size).backward()  # losses: (P,) per pair
             for key, value in {"loss": losses.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0) + value.sum()
+            # the official trainer's logits/chosen|rejected: mean logit over response tokens
+            for name, part in (("chosen", slice(0, None, 2)), ("rejected", slice(1, None, 2))):
+                sums[f"logit_sum/{name}"] = (
+                    sums.get(f"logit_sum/{name}", 0) + logit_sums[part].sum()
+                )
+                n = policy_count[part].detach().sum()
+                sums[f"logit_count/{name}"] = sums.get(f"logit_count/{name}", 0) + n
             sums["tokens"] += mb.num_real_tokens
             sums["ctx"] += mb.attention_context
     finally:

@@ -261,3 +261,24 @@ def test_live_reference_scores_without_grad_and_without_full_logits(world):
     assert 0 < ref_mode.rows <= n_scored
     assert ref_sum.grad_fn is None and not ref_sum.requires_grad
     assert ref_count.tolist() == [20.0] * 4
+
+
+def test_logits_metric_is_the_mean_logit_over_response_tokens(world):
+    """logits/chosen|rejected (the official trainer's metric, over response positions): the
+    step's logit_sum / logit_count equal the full logits' vocabulary mean at every scored
+    token, computed naively, and the counts equal the response lengths."""
+    model = tiny_model(world, "fp32")
+    pairs = random_pairs()
+    micro = micro_batches(world, pairs)
+    sums = train_step(model, micro, LossConfig(), len(pairs), world)
+    want_sum = {"chosen": 0.0, "rejected": 0.0}
+    with torch.no_grad():
+        for mb in micro:
+            logits = model(mb.input_ids, mb.layout).flatten(0, 1).double()  # (B*T, V)
+            means = logits.mean(dim=1)[mb.score.hidden_index]  # (N,) per scored token
+            for name, parity in (("chosen", 0), ("rejected", 1)):
+                want_sum[name] += float(means[mb.score.response_ids % 2 == parity].sum())
+    for name, key in (("chosen", "chosen_ids"), ("rejected", "rejected_ids")):
+        assert float(sums[f"logit_count/{name}"]) == sum(len(getattr(p, key)) for p in pairs)
+        got = float(sums[f"logit_sum/{name}"])
+        assert abs(got - want_sum[name]) <= 1e-4 * max(1.0, abs(want_sum[name])), name
