@@ -89,8 +89,8 @@ MUTANTS = [
     ),
     Mutant(
         "softcap_backward", "simpo/logprobs.py",
-        "dz.mul_(t.square_().neg_().add_(1))",
-        "dz.mul_(t.neg_().add_(1))",
+        "b.square_().neg_().add_(1).mul_(probs)",
+        "b.neg_().add_(1).mul_(probs)",
         ("tests/test_logprobs.py",), "soft-cap backward uses 1 - tanh instead of 1 - tanh²",
     ),
     Mutant(
