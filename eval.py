@@ -12,7 +12,9 @@ correlation between reward and response length, and accuracy split by which resp
 longer (a length-exploiting model wins the chosen-longer pairs and loses the others).
 Generation (greedy or top-p sampling with a KV cache, the checkpoint's chat template and
 stop tokens) writes AlpacaEval's model_outputs.json. Outputs go to --out: metrics.json,
-scores.jsonl (per pair log-prob sums and token counts) and model_outputs.json.
+scores.jsonl (per pair log-prob sums and token counts) and model_outputs.json; when --model
+is a train.py export, its model card (README.md) gets a row of results per data file
+(--no-card leaves it alone).
 """
 
 from __future__ import annotations
@@ -26,18 +28,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from simpo.config import DataConfig, EvalConfig
+from simpo import exits
+from simpo.config import EVAL_PRESETS, ConfigError, DataConfig, EvalConfig
+from simpo.conventions import encode_prompt, with_system
 from simpo.data import DataError, load_pairs
-from simpo.dist import Dist, init_distributed, print0, shutdown
 from simpo.generate import generate
+from simpo.hf import ModelFileError, load_model
 from simpo.model import Transformer
+from simpo.model_card import add_eval_results
+from simpo.progress import progress_bar
 from simpo.readers import Fields, Skip, detect_format, parse_row, read_records, to_example
+from simpo.runfiles import FolderInUseError, WriteError, hold_folder, release_folders, write_atomic
 from simpo.scoring import score_pairs
-from simpo.templates import TemplateError, encode_prompt
+from simpo.templates import TemplateError
 from simpo.tokenizer import Tokenizer, TokenizerError
+from simpo.world import World, init_world, print0, shutdown
 
+OUTPUT_FILES = ("metrics.json", "scores.jsonl", "model_outputs.json")
 SCORE_CHUNK = 512  # pairs per score_pairs call: the progress bar advances per chunk
 
 
@@ -68,12 +76,64 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=e.gen_batch, help="prompts decoded together")
     p.add_argument("--generator", help="name in model_outputs.json (default: the model's dir)")
     p.add_argument("--template", default=d.template, help="chat template (default: detected)")
+    p.add_argument("--chat-template", default="", help="Jinja chat template file (or text)")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="a system message first in every generation prompt; --system= (empty) matches "
+        "the official convention's training prompts, which carry an empty system turn",
+    )
     p.add_argument("--mask", default=d.mask, choices=("official", "trl"))
+    p.add_argument("--truncation-rule", default=d.truncation_rule, choices=("fit", "official"))
+    p.add_argument(
+        "--preset", choices=sorted(EVAL_PRESETS),
+        help="AlpacaEval generation settings of an official SimPO run (temperature, top-p, "
+        "max new tokens); explicit flags win",
+    )  # fmt: skip
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--no-card", action="store_true",
+        help="leave the model card alone (default: add the results to --model's README.md "
+        "when train.py wrote it)",
+    )  # fmt: skip
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**EVAL_PRESETS[preset])
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+# flag -> (test, what is expected): values argparse accepts but that make the run meaningless
+ARG_RANGES = {
+    "beta": (lambda v: v > 0, "> 0 (the reward is beta x avg log-prob: 0 makes every pair a tie)"),
+    "dpo_beta": (lambda v: v > 0, "> 0"),
+    "limit": (lambda v: v >= 0, ">= 0 (0 = all)"),
+    "num_prompts": (lambda v: v >= -1, ">= -1 (-1 = the default)"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "0 < x <= 1"),
+    "gen_batch": (lambda v: v >= 1, ">= 1"),
+    "max_length": (lambda v: v >= 2, ">= 2"),
+    "max_prompt_length": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """A ConfigError (exit 2) naming the first flag whose value makes the run meaningless."""
+    for name, (ok, expected) in ARG_RANGES.items():
+        value = getattr(args, name)
+        if not ok(value):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"command line: {flag} {value}: expected {expected}")
+    if args.max_prompt_length >= args.max_length:
+        raise ConfigError(
+            f"command line: --max-prompt-length {args.max_prompt_length}: expected < "
+            f"--max-length {args.max_length} (the response gets what is left)"
+        )
 
 
 def check_checkpoint(path: Path, tokenizer_dir: Path) -> None:
@@ -170,25 +230,25 @@ def mean(x: Tensor) -> float | None:
     return float(x.double().mean()) if x.numel() else None
 
 
-def score(
-    model: Transformer, pairs: list, max_tokens: int, d: Dist, bar: bool
+def score_in_chunks(
+    model: Transformer, pairs: list, max_tokens: int, world: World, bar: bool
 ) -> tuple[Tensor, Tensor]:
     """Log-prob sums and token counts (P, 2) each, columns [chosen, rejected], in the order
     of `pairs` (file order); every rank scores its share of each chunk."""
     sums, counts = [], []
     chunks = range(0, len(pairs), SCORE_CHUNK)
-    for i in tqdm(chunks, desc="scoring", unit="chunk", disable=not bar):
+    for i in progress_bar(chunks, desc="scoring", unit="chunk", disable=not bar):
         chunk = pairs[i : i + SCORE_CHUNK]
-        _, s, c = score_pairs(model, chunk, max_tokens, "shared_prompt", d)  # sorted by index
+        _, s, c = score_pairs(model, chunk, max_tokens, "shared_prompt", world)  # sorted by index
         sums.append(s)
         counts.append(c)
     return torch.cat(sums), torch.cat(counts)
 
 
-def load_model(path: Path, args: argparse.Namespace, d: Dist) -> Transformer:
-    cuda = d.device.type == "cuda"
+def load_for_eval(path: Path, args: argparse.Namespace, world: World) -> Transformer:
+    cuda = world.device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else None
-    return Transformer.from_pretrained(path, dtype=dtype or torch.float32, device=d.device).eval()
+    return load_model(path, dtype=dtype or torch.float32, device=world.device).eval()
 
 
 @torch.no_grad()
@@ -204,19 +264,27 @@ def restrict_vocab(model: Transformer, n: int) -> None:
 
 
 def generate_outputs(
-    model: Transformer, tokenizer: Tokenizer, prompts: list[dict], args: argparse.Namespace, d: Dist
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[dict],
+    args: argparse.Namespace,
+    world: World,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """AlpacaEval rows {instruction, output, generator, ...} and generated token counts.
 
     Batches are dealt to ranks round-robin; batch b samples with seed + b, so the outputs do
     not depend on the number of ranks."""
-    ids = [encode_prompt(p["messages"], tokenizer, args.template) for p in prompts]
+    ids = [
+        encode_prompt(with_system(p["messages"], args.system), tokenizer, args.template,
+                      args.chat_template)
+        for p in prompts
+    ]  # fmt: skip
     restrict_vocab(model, tokenizer.vocab_size)
     starts = range(0, len(ids), args.gen_batch)
     mine: list[tuple[int, list[int]]] = []
-    bar = tqdm(total=len(starts), desc="generating", disable=not show(args, d))
+    bar = progress_bar(total=len(starts), desc="generating", disable=not show(args, world))
     for b, start in enumerate(starts):
-        if b % d.world_size == d.rank:
+        if b % world.world_size == world.rank:
             batch = ids[start : start + args.gen_batch]
             out = generate(
                 model, batch, args.max_new_tokens, temperature=args.temperature,
@@ -226,8 +294,8 @@ def generate_outputs(
         bar.update(1)
     bar.close()
     gathered = [mine]
-    if d.world_size > 1:
-        gathered = [None] * d.world_size
+    if world.world_size > 1:
+        gathered = [None] * world.world_size
         dist.all_gather_object(gathered, mine)
     tokens = dict(item for part in gathered for item in part)
     name = args.generator or model_name(Path(args.model))
@@ -262,8 +330,8 @@ def check_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return prompts[: args.num_prompts] if args.num_prompts >= 0 else prompts
 
 
-def evaluate(
-    args: argparse.Namespace, prompts: list[dict[str, Any]], d: Dist
+def run_eval(
+    args: argparse.Namespace, prompts: list[dict[str, Any]], world: World
 ) -> tuple[dict[str, Any], list[dict], list[dict]]:
     """(metrics, per-pair scores, AlpacaEval outputs); every rank returns the same."""
     model_dir, tok_dir = Path(args.model), Path(args.tokenizer or args.model)
@@ -271,17 +339,20 @@ def evaluate(
     metrics: dict[str, Any] = {"model": str(model_dir), "data": args.data, "ref": args.ref}
     per_pair: list[dict] = []
     outputs: list[dict] = []
-    model = load_model(model_dir, args, d)
+    model = load_for_eval(model_dir, args, world)
     if args.data:
         cfg = DataConfig(
-            template=args.template, mask=args.mask, max_length=args.max_length,
+            template=args.template, chat_template=args.chat_template, mask=args.mask,
+            truncation_rule=args.truncation_rule, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, num_workers=1,
         )  # fmt: skip
-        pairs, report = load_pairs(args.data, tokenizer, cfg, progress=show(args, d))
+        pairs, report = load_pairs(args.data, tokenizer, cfg, progress=show(args, world))
         pairs = pairs[: args.limit] if args.limit > 0 else pairs
         print0(report.summary())
-        max_tokens = 2 * args.max_length  # fits any pair (DESIGN: a pair <= 2 x max_length)
-        sums, counts = score(model, pairs, max_tokens, d, show(args, d))  # (P, 2) each
+        max_tokens = 2 * args.max_length  # fits any pair: a pair has <= 2 x max_length tokens
+        sums, counts = score_in_chunks(
+            model, pairs, max_tokens, world, show(args, world)
+        )  # (P, 2) each
         metrics |= {"num_pairs": len(pairs), "num_skipped": report.num_skipped}
         metrics |= {"beta": args.beta} | preference_metrics(args.beta * sums / counts, counts)
         metrics |= {
@@ -295,7 +366,7 @@ def evaluate(
             for p, s, c in zip(pairs, sums.tolist(), counts.long().tolist(), strict=True)
         ]
     if prompts:
-        outputs, lengths = generate_outputs(model, tokenizer, prompts, args, d)
+        outputs, lengths = generate_outputs(model, tokenizer, prompts, args, world)
         n = max(len(outputs), 1)
         metrics |= {
             "gen_num": len(outputs),
@@ -305,8 +376,8 @@ def evaluate(
         }
     del model  # before the reference is loaded: never two models in memory
     if args.data and args.ref:
-        ref_model = load_model(Path(args.ref), args, d)
-        ref_sums, _ = score(ref_model, pairs, max_tokens, d, show(args, d))
+        ref_model = load_for_eval(Path(args.ref), args, world)
+        ref_sums, _ = score_in_chunks(ref_model, pairs, max_tokens, world, show(args, world))
         del ref_model
         dpo = preference_metrics(args.dpo_beta * (sums - ref_sums), counts)
         metrics |= {"dpo_beta": args.dpo_beta} | {f"dpo_{k}": v for k, v in dpo.items()}
@@ -315,9 +386,9 @@ def evaluate(
     return metrics, per_pair, outputs
 
 
-def show(args: argparse.Namespace, d: Dist) -> bool:
+def show(args: argparse.Namespace, world: World) -> bool:
     """Progress bars: on rank 0 unless --quiet."""
-    return d.is_main and not args.quiet
+    return world.is_main and not args.quiet
 
 
 TABLE = (
@@ -354,36 +425,60 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def write_outputs(out: Path, metrics: dict, per_pair: list[dict], outputs: list[dict]) -> None:
+    """Each file replaced atomically; a file this run does not produce is removed, so an
+    earlier run's scores or generations never sit beside new metrics."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    files = {"metrics.json": json.dumps(metrics, indent=2) + "\n"}
     if per_pair:
-        (out / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_pair))
+        files["scores.jsonl"] = "".join(json.dumps(r) + "\n" for r in per_pair)
     if outputs:
-        text = json.dumps(outputs, indent=2, ensure_ascii=False)
-        (out / "model_outputs.json").write_text(text + "\n", encoding="utf-8")
+        files["model_outputs.json"] = json.dumps(outputs, indent=2, ensure_ascii=False) + "\n"
+    for name in OUTPUT_FILES:
+        if name in files:
+            write_atomic(out / name, files[name])
+        else:
+            (out / name).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation in a process group (one rank without torchrun); the metrics."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     prompts = check_inputs(args)
-    d = init_distributed()
+    world = init_world()
     try:
-        metrics, per_pair, outputs = evaluate(args, prompts, d)
-        if d.is_main:
+        if world.is_main:  # before any work: a second eval into the same --out stops here
+            hold_folder(Path(args.out), "--out")
+        metrics, per_pair, outputs = run_eval(args, prompts, world)
+        if world.is_main:
             write_outputs(Path(args.out), metrics, per_pair, outputs)
     except BaseException:
         shutdown(clean=False)
         raise
+    finally:
+        release_folders()
     shutdown()
-    if d.is_main:
+    if world.is_main:
         print(format_table(metrics) + f"\nwrote {args.out}/", flush=True)
+        if not args.no_card:
+            update_card(args, metrics)
     return metrics
 
 
-if __name__ == "__main__":
+def update_card(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
+    """Add the results to the model card train.py wrote in --model (a row per data file)."""
+    name = Path(args.data or args.prompts).name
     try:
-        main()
-    except (EvalError, DataError, TemplateError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        card = add_eval_results(Path(args.model), name, metrics)
+    except OSError as e:  # a read-only checkpoint: the results are in --out all the same
+        print(f"warning: model card of {args.model} not updated: {e}", file=sys.stderr)
+        return
+    if card:
+        print(f"added the results on {name} to {card}", flush=True)
+
+
+# How the script ends (simpo/exits.py): one line per error; these exit 2, those 1.
+USAGE_ERRORS = (ConfigError, FolderInUseError)
+RUN_ERRORS = (EvalError, DataError, TemplateError, TokenizerError, ModelFileError, WriteError)
+
+if __name__ == "__main__":
+    sys.exit(exits.run(main, USAGE_ERRORS, RUN_ERRORS))

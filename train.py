@@ -14,123 +14,116 @@ the number of ranks. Writes metrics.jsonl, config.toml, checkpoints/step_N/ and 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from tqdm import tqdm
 
-from simpo.checkpoint import save_hf
-from simpo.config import Config, ConfigError, parse_args, to_toml
-from simpo.data import DataError, check_config, load_datasets
-from simpo.dist import Dist, build_model, init_distributed, print0, shutdown, unwrap_norm
-from simpo.losses import check_loss_config, compute_loss, get_loss
-from simpo.metrics import (
-    MetricsWriter,
-    attention_context,
-    matmul_params,
-    peak_flops,
-    peak_mem_gb,
-    reduce_sums,
-    train_flops,
-)
-from simpo.packing import plan_micro_batches
-from simpo.reference import precompute_reference
-from simpo.sampler import epoch_of, global_batch, steps_for
-from simpo.schedule import lr_at
-from simpo.scoring import evaluate
-from simpo.synthetic import write_synthetic_prefs
-from simpo.tiny import SYNTHETIC_PAIRS, build_tiny_model_dir, texts_from_file
-from simpo.tokenizer import Tokenizer, TokenizerError
-from simpo.trainstate import (
+from simpo import exits
+from simpo.checkpoint import (
     TrainingError,
-    check_resumable,
+    choose_checkpoint,
+    export_final,
     latest_checkpoint,
-    load_checkpoint,
     prepare_output_dir,
     save_checkpoint,
     sigterm_flag,
 )
+from simpo.config import Config, ConfigError, check_data_fits, parse_args, to_toml
+from simpo.data import DataError, load_datasets
+from simpo.demo.tiny import fill_in_defaults
+from simpo.fsdp import build_model
+from simpo.hf import ModelFileError
+from simpo.losses import check_loss_config, get_loss
+from simpo.metrics import (
+    matmul_params,
+    peak_flops,
+    peak_mem_gb,
+    reduce_scalars,
+    train_flops,
+)
+from simpo.model_card import write_model_card
+from simpo.packing import plan_micro_batches
+from simpo.progress import progress_bar
+from simpo.reference import precompute_reference, reference_for
+from simpo.resume import (
+    check_resumable,
+    data_identity,
+    out_of_memory,
+    record_overrides,
+    resume_changes,
+    resume_state,
+)
+from simpo.runfiles import FolderInUseError, WriteError, release_folders, write_atomic
+from simpo.sampler import epoch_of, global_batch, steps_for
+from simpo.schedule import lr_at
+from simpo.scoring import heldout_metrics
+from simpo.step import train_step
+from simpo.tokenizer import Tokenizer, TokenizerError
+from simpo.trackers import check_trackers, open_trackers
+from simpo.world import World, init_world, print0, shutdown, unwrap_norm
+
+BF16_PURE_WARNING = (
+    "train.precision=bf16-pure keeps the weights in bf16, where an update smaller than ~1/256 "
+    "of a weight rounds to nothing: at SimPO/DPO learning rates (3e-7 … 1e-6) almost every "
+    "AdamW update (~lr per weight) vanishes. Use bf16-mixed (fp32 master weights) unless you "
+    "know why."
+)
+NOT_PER_PAIR = ("loss", "tokens", "ctx", "stop", "logit_sum/", "logit_count/")  # see train_step
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse the config, run training in a process group, leave it cleanly; final metrics."""
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    d = init_distributed()
+    world = init_world()
     try:
-        result = train(cfg, d)
+        result = train(cfg, world)
     except BaseException:
         shutdown(clean=False)  # other ranks may never reach a barrier
         raise
+    finally:
+        release_folders()  # the output_dir lock (also dropped by the OS if we die)
     shutdown()  # train() has returned: no model or optimizer is referenced any more
     return result
 
 
-def train(cfg: Config, d: Dist) -> dict[str, float]:
-    tc = cfg.train
-    try:
-        spec = get_loss(cfg.loss.name)
-        warnings = check_loss_config(cfg.loss, has_reference=spec.needs_reference)
-        check_config(cfg.data)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for w in warnings:
+def train(cfg: Config, world: World) -> dict[str, float]:
+    tc, spec = cfg.train, get_loss(cfg.loss.name)
+    for w in check_loss_config(cfg.loss, has_reference=spec.needs_reference):
         print0(f"warning: {w}")
     if tc.precision == "bf16-pure":
-        print0(
-            "warning: train.precision=bf16-pure keeps the weights in bf16, where an update "
-            "smaller than ~1/256 of a weight rounds to nothing: at SimPO/DPO learning rates "
-            "(3e-7 … 1e-6) almost every AdamW update (~lr per weight) vanishes. Use bf16-mixed "
-            "(fp32 master weights) unless you know why."
-        )
+        print0(f"warning: {BF16_PURE_WARNING}")
     torch.manual_seed(tc.seed)
     out = Path(tc.output_dir)
-    prepare_output_dir(out, tc.resume)  # writable, and no stale checkpoints on a fresh run
+    check_trackers(tc.report_to)  # a missing wandb / tensorboard fails now, not after loading
+    prepare_output_dir(out, tc.resume)  # writable, ours alone, no stale checkpoints if fresh
     ckpt_root = out / "checkpoints"
-    latest = latest_checkpoint(ckpt_root) if tc.resume else None
+    latest = choose_checkpoint(ckpt_root) if tc.resume else None  # newest readable one
     start_step = check_resumable(latest, cfg) if latest else 0  # before any expensive work
 
-    # --- model and data: a tiny random model and the synthetic task when none are given ---
-    if cfg.data.eval and cfg.data.eval_fraction:
-        raise ConfigError("set data.eval or data.eval_fraction, not both")
-    model_dir = Path(cfg.model.path) if cfg.model.path else out / "tiny_model"
-    if cfg.model.path and not (model_dir / "config.json").is_file():
-        raise ConfigError(f"model.path = '{model_dir}' is not a Hugging Face checkpoint dir")
-    data_cfg = dataclasses.replace(
-        cfg.data,
-        train=cfg.data.train or str(out / "data" / "train.jsonl"),
-        cache_dir=cfg.data.cache_dir or str(out / "cache"),
-    )
-    if d.is_main and not cfg.data.train and not Path(data_cfg.train).exists():
-        write_synthetic_prefs(data_cfg.train, SYNTHETIC_PAIRS, tc.seed)
-    if d.is_main and not cfg.model.path and not (model_dir / "config.json").exists():
-        m = cfg.model
-        texts = texts_from_file(data_cfg.train)
-        build_tiny_model_dir(model_dir, texts, m.tiny_vocab, m.tiny_dim, m.tiny_layers, tc.seed)
-    torch.distributed.barrier()
+    # --- data: tokenised once by rank 0 (which fills the cache), then read by the others ---
+    model_dir, data_cfg = fill_in_defaults(cfg, out, world.is_main)  # tiny demo inputs if empty
     tokenizer_dir = Path(cfg.model.tokenizer or model_dir)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    if d.is_main:  # rank 0 tokenises and fills the cache, the other ranks then read it
+    identity = data_identity(data_cfg.train, tokenizer.fingerprint)  # checked on resume
+    if latest is not None:
+        check_resumable(latest, cfg, identity)
+    if world.is_main:
         pairs, eval_pairs, reports = load_datasets(data_cfg, tokenizer, tc.seed)
     torch.distributed.barrier()
-    if not d.is_main:
+    if not world.is_main:
         pairs, eval_pairs, reports = load_datasets(data_cfg, tokenizer, tc.seed, progress=False)
     for report in reports:
         print0(report.summary())
-    if tc.batch_size < 1 or tc.batch_size > len(pairs):
+    check_data_fits(cfg, [(data_cfg.train, pairs), (data_cfg.eval or data_cfg.train, eval_pairs)])
+    if tc.batch_size > len(pairs):
         raise ConfigError(
-            f"train.batch_size = {tc.batch_size} must be between 1 and the {len(pairs)} "
-            f"training pairs of {data_cfg.train}"
+            f"train.batch_size = {tc.batch_size} exceeds the {len(pairs)} training pairs of "
+            f"{data_cfg.train}"
         )
     total = steps_for(len(pairs), tc.batch_size, tc.epochs, tc.max_steps)
-    if cfg.model.logits_chunk_mib < 1:
-        raise ConfigError(f"model.logits_chunk_mib = {cfg.model.logits_chunk_mib} must be >= 1")
 
     # --- reference policy (DPO family): precomputed table, or a frozen sharded model ---
     ref_tables, ref_model = {}, None
@@ -138,18 +131,19 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
         ref_dir = Path(cfg.loss.reference_path or model_dir)
         if cfg.loss.reference == "precompute":
             splits = {"train": pairs, "eval": eval_pairs} if eval_pairs else {"train": pairs}
-            ref_tables = precompute_reference(ref_dir, splits, cfg, d, Path(data_cfg.cache_dir))
+            ref_tables = precompute_reference(ref_dir, splits, cfg, world, Path(data_cfg.cache_dir))
         else:
             ref_model = build_model(
-                ref_dir, d, tc.precision, attention=cfg.model.attention, trainable=False
+                ref_dir, world, tc.precision, attention=cfg.model.attention, trainable=False
             )
             ref_model.logits_chunk_bytes = cfg.model.logits_chunk_mib * 2**20
+    reference = reference_for(ref_tables.get("train"), ref_model)
 
     # --- policy: built on meta, FSDP2-sharded, loaded shard-wise; AdamW with fp32 state ---
     ac = tc.activation_checkpointing == "on" or (
-        tc.activation_checkpointing == "auto" and d.device.type == "cuda"
+        tc.activation_checkpointing == "auto" and world.device.type == "cuda"
     )
-    model = build_model(model_dir, d, tc.precision, ac, tc.compile, cfg.model.attention)
+    model = build_model(model_dir, world, tc.precision, ac, tc.compile, cfg.model.attention)
     model.logits_chunk_bytes = cfg.model.logits_chunk_mib * 2**20
     matrices = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases
     others = [p for p in model.parameters() if p.ndim < 2]
@@ -158,67 +152,52 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
         lr=tc.lr,
         betas=(tc.adam_beta1, tc.adam_beta2),
         weight_decay=0.0,
-        fused=d.device.type == "cuda",
+        fused=True,  # one kernel over all parameters, on CUDA and CPU alike
     )
-    if latest is not None:
-        load_checkpoint(latest, model, optimizer)
+    if latest is not None:  # an unreadable one is skipped for the one before it
+        latest, start_step = resume_state(latest, cfg, model, optimizer, identity)
         print0(f"resumed from {latest} at step {start_step}")
-    if d.is_main:
-        (out / "config.toml").write_text(to_toml(cfg))
-    writer = MetricsWriter(out / "metrics.jsonl", d.is_main, start_step if latest else None)
+    if world.is_main:
+        write_atomic(out / "config.toml", to_toml(cfg))
+    writer = open_trackers(cfg, out, world.is_main, start_step if latest else None)
+    if latest is not None:  # keys changed under train.resume_override: said and logged
+        record_overrides(out, cfg, start_step, resume_changes(latest, cfg, identity))
     print0(
         f"{spec.name}: {len(pairs)} train / {len(eval_pairs)} eval pairs, {total} steps of "
-        f"{tc.batch_size} pairs, {d.world_size} x {d.device.type}, {tc.precision}, "
+        f"{tc.batch_size} pairs, {world.world_size} x {world.device.type}, {tc.precision}, "
         f"activation checkpointing {'on' if ac else 'off'}"
     )
 
-    n_matmul, peak = matmul_params(model), peak_flops(d.device)
-    bar = tqdm(total=total, initial=start_step, disable=not d.is_main, desc=spec.name)
+    n_matmul, peak = matmul_params(model), peak_flops(world.device)
+    bar = progress_bar(total=total, initial=start_step, disable=not world.is_main, desc=spec.name)
     record: dict[str, float] = {}
     with sigterm_flag() as stop:  # preemption: finish the step, save a checkpoint, return
         for step in range(start_step, total):
             t0 = time.perf_counter()
-            lr = lr_at(step, total, tc.lr, tc.warmup_ratio, tc.min_lr_ratio)
+            lr = lr_at(step, total, tc.lr, tc.warmup_ratio, tc.min_lr_ratio, tc.warmup_style)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = global_batch(pairs, step, tc.batch_size, tc.seed)  # same on every rank
             micro = plan_micro_batches(
-                batch, cfg.data.max_tokens, d.world_size, d.rank, cfg.data.packing
+                batch, cfg.data.max_tokens, world.world_size, world.rank, cfg.data.packing
             )  # this rank's share; all ranks get as many micro-batches (some maybe empty)
-            sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=d.device))
-            tokens = context = 0
-            for mb in micro:
-                mb = mb.to(d.device)
-                inputs = (mb.input_ids, mb.layout.position_ids, mb.layout, mb.score)
-                policy_sum, policy_count = model(*inputs)  # (2P,) each
-                ref_sum = ref_count = None
-                if ref_model is not None:
-                    with torch.no_grad():
-                        ref_sum, ref_count = ref_model(*inputs)
-                elif spec.needs_reference:
-                    ref_sum, ref_count = ref_tables["train"].lookup(mb.pair_index)
-                losses, metrics = compute_loss(
-                    cfg.loss, policy_sum, policy_count, ref_sum, ref_count
-                )  # (P,) per pair
-                # Sum over this micro-batch / pairs of the whole step; x world size because
-                # FSDP averages gradients over ranks where we want their sum.
-                (losses.sum() * d.world_size / tc.batch_size).backward()
-                sums["loss"] += losses.detach().sum()
-                for k, v in metrics.items():
-                    sums[k] += v.sum()
-                tokens += mb.num_real_tokens
-                context += attention_context(mb.layout)
+            try:
+                sums = train_step(
+                    model, micro, cfg.loss, tc.batch_size, world, reference, tc.grad_sync
+                )
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(step + 1, cfg, latest_checkpoint(ckpt_root)) from e
             max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
             grad_norm = unwrap_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            local = {k: v.item() for k, v in sums.items()} | {"tokens": tokens, "ctx": context}
-            totals = reduce_sums(local | {"stop": float(stop.is_set())})
+            # one collective and one host synchronisation for all of the step's sums
+            totals = reduce_scalars(sums | {"stop": float(stop.is_set())})
             loss = totals["loss"] / tc.batch_size
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingError(
                     f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                     f"stopped before the update. Last good checkpoint: "
-                    f"{latest_checkpoint(ckpt_root) or 'none'} (resume with --train.resume=true, "
-                    "perhaps with a lower train.lr)"
+                    f"{latest_checkpoint(ckpt_root) or 'none'}. To go on with a lower learning "
+                    "rate: --train.resume=true --train.resume_override=train.lr --train.lr=..."
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -226,14 +205,20 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
 
             record = {"step": done, "epoch": epoch_of(step, tc.batch_size, len(pairs))}
             record |= {"loss": loss, "lr": lr, "grad_norm": grad_norm}
-            record |= {k: totals[k] / tc.batch_size for k in sums if k != "loss"}
+            record |= {
+                k: v / tc.batch_size for k, v in totals.items() if not k.startswith(NOT_PER_PAIR)
+            }
+            for name in ("chosen", "rejected"):  # token-weighted, over response positions
+                n = totals.get(f"logit_count/{name}", 0.0)
+                record[f"logits/{name}"] = totals.get(f"logit_sum/{name}", 0.0) / max(n, 1.0)
             record["tokens_per_s"] = totals["tokens"] / dt
             if peak is not None:
                 flops = train_flops(model.args, n_matmul, int(totals["tokens"]), int(totals["ctx"]))
-                record["mfu"] = flops / dt / (peak * d.world_size)
-            record["peak_mem_gb"] = reduce_sums({"m": peak_mem_gb(d.device)}, op="max")["m"]
+                record["mfu"] = flops / dt / (peak * world.world_size)
+            record["peak_mem_gb"] = reduce_scalars({"m": peak_mem_gb(world.device)}, "max")["m"]
             if eval_pairs and tc.eval_every > 0 and (done % tc.eval_every == 0 or done == total):
-                record |= evaluate(model, eval_pairs, cfg, d, ref_tables.get("eval"), ref_model)
+                eval_ref = ref_tables.get("eval")
+                record |= heldout_metrics(model, eval_pairs, cfg, world, eval_ref, ref_model)
             if done % tc.log_every == 0 or done == total:
                 writer.write(record)
             bar.set_postfix(
@@ -244,28 +229,37 @@ def train(cfg: Config, d: Dist) -> dict[str, float]:
             )
             bar.update(1)
             if totals["stop"]:
-                path = save_checkpoint(ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints)
+                path = save_checkpoint(
+                    ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints, identity
+                )
                 bar.close()
+                writer.close()
                 print0(f"SIGTERM: saved {path} after step {done}; resume with --train.resume=true")
                 return record | {"interrupted": 1.0}
             if tc.save_every > 0 and done % tc.save_every == 0 and done < total:
-                save_checkpoint(ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints)
+                save_checkpoint(
+                    ckpt_root, done, model, optimizer, cfg, tc.keep_checkpoints, identity
+                )
     bar.close()
+    writer.close()
 
     if start_step < total or latest_checkpoint(ckpt_root) is None:
-        save_checkpoint(ckpt_root, total, model, optimizer, cfg, tc.keep_checkpoints)
+        save_checkpoint(ckpt_root, total, model, optimizer, cfg, tc.keep_checkpoints, identity)
     if tc.export:
         dtype = getattr(torch, model.args.dtype, torch.float32)  # the checkpoint's own dtype
-        save_hf(model, out / "final", tokenizer_dir=tokenizer_dir, dtype=dtype)
+        export_final(model, out / "final", tokenizer_dir, dtype)  # complete, or the old one
+        if world.is_main:  # final/README.md: what a hub reader needs to trust the weights
+            write_model_card(
+                out / "final", cfg, model_dir=model_dir, data_cfg=data_cfg, reports=reports,
+                steps=total, world_size=world.world_size, metrics=record,
+            )  # fmt: skip
         print0(f"exported {out / 'final'} (Hugging Face format)")
     return record
 
 
+# How the script ends (simpo/exits.py): one line per error; these exit 2, those 1.
+USAGE_ERRORS = (ConfigError, FolderInUseError)
+RUN_ERRORS = (DataError, TokenizerError, ModelFileError, TrainingError, WriteError)
+
 if __name__ == "__main__":
-    try:
-        result = main()
-    except (ConfigError, DataError, TokenizerError, TrainingError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    sys.exit(143 if result.get("interrupted") else 0)
+    sys.exit(exits.run(main, USAGE_ERRORS, RUN_ERRORS))

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 PREFS = SHARED / "alpaca_eval_prefs.jsonl"
 MISTRAL_SPM = SHARED / "tokenizers" / "mistral-7b-v0.1.model"
+MISTRAL_SIMPO = ROOT / "configs" / "templates" / "mistral-simpo.jinja"  # the official override
 RESULT_PREFIX = "RESULT "  # a child's last line: RESULT {json}
 
 
@@ -173,7 +174,9 @@ def sample_pairs(n: int, seed: int, max_length: int = 1024) -> list[TokenizedPai
 
     lines = PREFS.read_text().splitlines()
     picked = random.Random(seed).sample(lines, n)
-    cfg = DataConfig(template="mistral", max_length=max_length, max_prompt_length=max_length // 2)
+    cfg = DataConfig(
+        chat_template=str(MISTRAL_SIMPO), max_length=max_length, max_prompt_length=max_length // 2
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sample.jsonl"
         path.write_text("\n".join(picked) + "\n")

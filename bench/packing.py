@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import MISTRAL_SPM, PREFS, machine, table  # noqa: E402
+from bench.common import MISTRAL_SIMPO, MISTRAL_SPM, PREFS, machine, table  # noqa: E402
 from simpo.config import DataConfig  # noqa: E402
 from simpo.data import TokenizedPair, load_pairs  # noqa: E402
 from simpo.losses import simpo_loss  # noqa: E402
 from simpo.model import ModelArgs, Transformer  # noqa: E402
-from simpo.packing import LAYOUTS, PackedBatch, pack_pairs, pack_stats  # noqa: E402
+from simpo.packing import PACKINGS, PackedBatch, pack_pairs, pack_stats  # noqa: E402
 from simpo.tokenizer import Tokenizer  # noqa: E402
 
 REPORT = Path("/tmp/readme/bench_packing.md")
@@ -36,7 +36,9 @@ BETA, GAMMA_BETA_RATIO = 2.0, 0.8  # the Mistral-7B base recipe
 
 def sample_pairs(n: int, seed: int) -> list[TokenizedPair]:
     """`n` pairs drawn at random (fixed seed) from the file, tokenised as training does."""
-    cfg = DataConfig(template="mistral", max_length=1024, max_prompt_length=512, num_workers=2)
+    cfg = DataConfig(
+        chat_template=str(MISTRAL_SIMPO), max_length=1024, max_prompt_length=512, num_workers=2
+    )
     pairs, _ = load_pairs(PREFS, Tokenizer.from_dir(MISTRAL_SPM), cfg, progress=False)
     return random.Random(seed).sample(pairs, n)
 
@@ -57,7 +59,7 @@ def step(model: Transformer, batches: list[PackedBatch], num_pairs: int) -> tupl
     model.zero_grad(set_to_none=True)
     total = 0.0
     for b in batches:
-        sums, counts = model(b.input_ids, b.layout.position_ids, b.layout, b.score)  # (2P,)
+        sums, counts = model(b.input_ids, b.layout, b.score)  # (2P,)
         avg = sums / counts
         losses, _, _ = simpo_loss(avg[0::2], avg[1::2], BETA, GAMMA_BETA_RATIO)  # (P,)
         loss = losses.sum() / num_pairs  # normalised by the step's pairs, not the micro-batch's
@@ -91,20 +93,20 @@ def main() -> None:
         2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
     )
     model = make_model(a.dim, a.layers)
-    plans = {lay: [pack_pairs(s, a.max_tokens, lay) for s in steps] for lay in LAYOUTS}
+    plans = {lay: [pack_pairs(s, a.max_tokens, lay) for s in steps] for lay in PACKINGS}
     step(model, pack_pairs(pairs[:1], a.max_tokens), 1)  # warm-up: allocator, thread pools
 
-    seconds, cpu_seconds = dict.fromkeys(LAYOUTS, 0.0), dict.fromkeys(LAYOUTS, 0.0)
-    results: dict[str, list[tuple[float, float]]] = {lay: [] for lay in LAYOUTS}
+    seconds, cpu_seconds = dict.fromkeys(PACKINGS, 0.0), dict.fromkeys(PACKINGS, 0.0)
+    results: dict[str, list[tuple[float, float]]] = {lay: [] for lay in PACKINGS}
     for k in range(len(steps)):
-        for lay in LAYOUTS:  # interleaved, so load from other processes hits every layout
+        for lay in PACKINGS:  # interleaved, so load from other processes hits every layout
             t0, c0 = time.perf_counter(), time.process_time()
             results[lay].append(step(model, plans[lay][k], len(steps[k])))
             seconds[lay] += time.perf_counter() - t0
             cpu_seconds[lay] += time.process_time() - c0
 
     rows, ref = [], results["padded"]
-    for lay in LAYOUTS:
+    for lay in PACKINGS:
         # accumulation order differs between layouts, so equal up to fp32 rounding
         loss_diff = max(abs(x[0] - r[0]) / abs(r[0]) for x, r in zip(results[lay], ref))
         norm_diff = max(abs(x[1] - r[1]) / r[1] for x, r in zip(results[lay], ref))
@@ -120,7 +122,7 @@ def main() -> None:
             f"{loss_diff:.1e}", f"{norm_diff:.1e}",
         ])  # fmt: skip
     command = " ".join([".venv/bin/python bench/packing.py", *sys.argv[1:]])
-    speedup = {lay: seconds["padded"] / seconds[lay] for lay in LAYOUTS}
+    speedup = {lay: seconds["padded"] / seconds[lay] for lay in PACKINGS}
     cpu_speedup = cpu_seconds["padded"] / cpu_seconds["shared_prompt"]
     text = "\n".join([
         f"`{command}` — {machine()}",

@@ -1,13 +1,19 @@
 """One full training step: SimPO vs DPO with a precomputed reference vs DPO with a live one.
 
 Each variant runs train.py's step on the same small Llama-shaped model (random weights, built
-with `simpo.dist.build_model` like train.py: FSDP2 on one rank, fp32 on CPU) and the same
+with `simpo.fsdp.build_model` like train.py: FSDP2 on one rank, fp32 on CPU) and the same
 pairs (real lengths from ../shared/data/alpaca_eval_prefs.jsonl, Mistral tokenizer, packed
 with the shared prompt into micro-batches of `--max-tokens`): forward through the fused
 log-prob kernel, `compute_loss`, backward, gradient clipping, AdamW. DPO-precompute reads
 the reference sums from a `ReferenceTable` (scored once before training by
-`simpo.reference.precompute_reference`); DPO-live runs a second, frozen model under no_grad.
-AdamW is the fused one (train.py uses it on CUDA).
+`simpo.reference.precompute_reference`); DPO-live runs a second, frozen model under no_grad
+through the chunked kernel. The step is `simpo.step.train_step` (whatever kernel and gradient
+sync it uses), then clipping and fused AdamW, as in train.py.
+
+DPO-live's floor: the reference adds one forward to the policy's forward + backward (~3
+forwards), so ~1.33x without activation checkpointing and ~1.25x with it (the policy then
+recomputes each block: 4 forwards), which is train.py's default on CUDA
+(`--activation-checkpointing`).
 
 Times: the three variants interleaved step by step in one process (medians of wall clock
 and of process CPU time; on a busy shared machine the CPU time is the steadier one). Peak
@@ -15,7 +21,7 @@ memory: each variant alone in its own process (peak RSS, and "step memory": the 
 the RSS after imports and data). Both DPO variants start with reference == policy, so their
 first losses must be log 2.
 
-    python bench/step.py [--quick]
+    python bench/step.py [--quick] [--activation-checkpointing]
 """
 
 from __future__ import annotations
@@ -45,13 +51,14 @@ from bench.common import (  # noqa: E402
     synthetic_pairs,
     table,
 )
-from simpo.checkpoint import save_hf  # noqa: E402
 from simpo.config import Config  # noqa: E402
-from simpo.dist import Dist, build_model, init_distributed, shutdown  # noqa: E402
-from simpo.losses import compute_loss  # noqa: E402
+from simpo.fsdp import build_model  # noqa: E402
+from simpo.hf import save_hf  # noqa: E402
 from simpo.model import ModelArgs, Transformer  # noqa: E402
 from simpo.packing import plan_micro_batches  # noqa: E402
-from simpo.reference import precompute_reference  # noqa: E402
+from simpo.reference import precompute_reference, reference_for  # noqa: E402
+from simpo.step import train_step  # noqa: E402
+from simpo.world import World, init_world, shutdown  # noqa: E402
 
 VARIANTS = ("simpo", "dpo-precompute", "dpo-live")
 VOCAB = 32000  # the Mistral tokenizer's
@@ -59,18 +66,28 @@ VOCAB = 32000  # the Mistral tokenizer's
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small model, few steps (make bench)")
+    p.add_argument("--quick", action="store_true", help="small model, 5 timed steps (make bench)")
     p.add_argument("--pairs-per-step", type=int, default=8)
     p.add_argument("--repeats", type=int, default=4, help="timed steps per variant")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per micro-batch row")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="intra-op threads (1: on a shared 2-core box two OpenMP threads spin-wait on each "
+        "other at random, which swings both wall and CPU time)",
+    )  # fmt: skip
+    p.add_argument(
+        "--activation-checkpointing", action="store_true",
+        help="recompute each block in backward (train.py's default on CUDA; off on CPU)",
+    )  # fmt: skip
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
-        args.pairs_per_step, args.repeats, args.dim, args.layers = 2, 2, 128, 2
+        args.pairs_per_step, args.repeats, args.dim, args.layers = 2, 5, 128, 2
     return args
 
 
@@ -95,10 +112,11 @@ def step_data(args: argparse.Namespace) -> list[list]:
 
 
 def make_step(
-    variant: str, model_dir: Path, d: Dist, steps: list[list], max_tokens: int
+    variant: str, model_dir: Path, world: World, steps: list[list], args: argparse.Namespace
 ) -> tuple[Callable[[int], float], float]:
     """Build what `variant` needs; return (step(k) -> loss of step k, reference precompute s)."""
     cfg = Config()
+    max_tokens = args.max_tokens
     cfg.train.precision, cfg.data.max_tokens = "fp32", max_tokens
     cfg.loss.name, cfg.loss.beta = ("simpo", 2.0) if variant == "simpo" else ("dpo", 0.1)
     t0 = time.perf_counter()
@@ -106,42 +124,32 @@ def make_step(
     if variant == "dpo-precompute":  # (pairs, 2) sums scored once, before the policy exists
         cache = Path(tempfile.mkdtemp(dir=model_dir.parent))  # fresh: no cache hit
         every_pair = {"train": [p for s in steps for p in s]}
-        table = precompute_reference(model_dir, every_pair, cfg, d, cache)["train"]
+        table = precompute_reference(model_dir, every_pair, cfg, world, cache)["train"]
     elif variant == "dpo-live":  # a frozen second model, as train.py builds it
-        ref_model = build_model(model_dir, d, "fp32", trainable=False)
+        ref_model = build_model(model_dir, world, "fp32", trainable=False)
     precompute_s = time.perf_counter() - t0
-    model = build_model(model_dir, d, "fp32")
+    model = build_model(model_dir, world, "fp32", args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     micro = [plan_micro_batches(s, max_tokens) for s in steps]
 
+    reference = reference_for(table, ref_model)
+
     def step(k: int) -> float:  # train.py's step, without logging
-        total = torch.zeros(())
-        for mb in micro[k]:
-            inputs = (mb.input_ids, mb.layout.position_ids, mb.layout, mb.score)
-            policy_sum, policy_count = model(*inputs)  # (2P,) each
-            ref_sum = ref_count = None
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref_sum, ref_count = ref_model(*inputs)
-            elif table is not None:
-                ref_sum, ref_count = table.lookup(mb.pair_index)
-            losses, _ = compute_loss(cfg.loss, policy_sum, policy_count, ref_sum, ref_count)
-            (losses.sum() / len(steps[k])).backward()
-            total += losses.detach().sum()
+        sums = train_step(model, micro[k], cfg.loss, len(steps[k]), world, reference)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(total) / len(steps[k])
+        return float(sums["loss"]) / len(steps[k])
 
     return step, precompute_s
 
 
 def child(args: argparse.Namespace) -> None:
     """One variant alone, for its peak RSS: a warmup step and one more."""
-    d = init_distributed()
+    world = init_world()
     steps = step_data(args)[:2]
     base = rss_gb()
-    step, _ = make_step(args.child, args.work / "model", d, steps, args.max_tokens)
+    step, _ = make_step(args.child, args.work / "model", world, steps, args)
     emit({"base_gb": base, "loss": [step(k) for k in range(len(steps))]})
     del step
     shutdown()
@@ -165,9 +173,9 @@ def main() -> None:
                 sys.exit(f"step: {variant} failed:\n{result.log_tail}")
             memory[variant] = (result.peak_gb, result.peak_gb - result.result["base_gb"])
             print(f"{variant}: peak RSS {result.peak_gb:.2f} GB", flush=True)
-        d = init_distributed()
+        world = init_world()
         steps = step_data(args)
-        built = {v: make_step(v, work / "model", d, steps, args.max_tokens) for v in VARIANTS}
+        built = {v: make_step(v, work / "model", world, steps, args) for v in VARIANTS}
         fns = {v: fn for v, (fn, _) in built.items()}
         times, losses = interleaved_times(fns, warmup=1, repeats=args.repeats)
         precompute_s = built["dpo-precompute"][1]
@@ -200,7 +208,8 @@ def report(
     print("\n" + table(headers, rows))
     tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in steps[0])
     print(
-        f"\nmodel dim {args.dim} x {args.layers} layers, vocab {VOCAB}, fp32; "
+        f"\nmodel dim {args.dim} x {args.layers} layers, vocab {VOCAB}, fp32, {args.threads} "
+        f"thread(s), activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
         f"{args.pairs_per_step} pairs (~{tokens} tokens) per step, {args.repeats} timed steps; "
         f"DPO-precompute scored {sum(map(len, steps))} pairs in {precompute_s:.1f} s before "
         f"training; first losses {', '.join(f'{v} {losses[v][0]:.4f}' for v in VARIANTS)}"

@@ -7,9 +7,9 @@ tokenizer; our side gets TRL's token ids), same pairs per step, fused AdamW and 
 (transformers' defaults).
 - TRL: `trainer.compute_loss` + `accelerator.backward` (the core of `Trainer.training_step`)
   on a batch from its collator: 2B right-padded sequences, full (2B, T, V) fp32 logits.
-- Ours: train.py's step: `simpo.dist.build_model` (FSDP2, one rank), the B pairs packed with
-  the shared prompt into micro-batches of `--max-tokens`, the chunked log-prob kernel,
-  `compute_loss`, backward.
+- Ours: train.py's step: `simpo.fsdp.build_model` (FSDP2, one rank), the B pairs packed with
+  the shared prompt into micro-batches of `--max-tokens`, `simpo.step.train_step` (the model's
+  log-prob head, whichever kernel the model's forward uses, `compute_loss`, backward).
 First the two losses of the first batch (before any update) must agree to 1e-4 (TRL's
 `simpo_gamma` is the absolute γ, so it gets β · gamma_beta_ratio); then pairs/s (median step;
 the two sides run alternately in `--rounds` pairs of child processes) and peak RSS (each side
@@ -289,27 +289,27 @@ def as_pair(row: dict) -> dict | None:
 
 def ours_child(args: argparse.Namespace) -> None:
     """Our side: train.py's step on the same token ids, in a one-rank process group."""
-    from simpo.dist import init_distributed, shutdown
+    from simpo.world import init_world, shutdown
 
-    run_ours(args, init_distributed())
+    run_ours(args, init_world())
     shutdown()  # after run_ours returned: no model is referenced any more
 
 
-def run_ours(args: argparse.Namespace, d: Any) -> None:
+def run_ours(args: argparse.Namespace, world: Any) -> None:
     import torch
 
     from simpo.config import LossConfig
     from simpo.data import TokenizedPair
-    from simpo.dist import build_model
-    from simpo.losses import compute_loss
+    from simpo.fsdp import build_model
     from simpo.packing import PackedBatch, plan_micro_batches
+    from simpo.step import train_step
 
     base = rss_gb()
     pairs = [
         TokenizedPair(p["prompt"], p["chosen"], p["rejected"], p["index"])
         for p in json.loads((args.work / f"pairs-{args.max_length}.json").read_text())
     ]
-    model = build_model(args.model, d, "fp32")
+    model = build_model(args.model, world, "fp32")
     cfg = LossConfig(name="simpo", beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)  # as TRL's default
     B = args.pairs_per_step
@@ -318,17 +318,12 @@ def run_ours(args: argparse.Namespace, d: Any) -> None:
         for s in range(0, len(pairs) - B + 1, B)
     ]
 
-    def step(micro: list[PackedBatch]) -> float:
-        total = torch.zeros(())
-        for mb in micro:
-            sums, counts = model(mb.input_ids, mb.layout.position_ids, mb.layout, mb.score)
-            losses, _ = compute_loss(cfg, sums, counts)  # (P,)
-            (losses.sum() / B).backward()
-            total += losses.detach().sum()
+    def step(micro: list[PackedBatch]) -> float:  # train.py's step, without logging
+        sums = train_step(model, micro, cfg, B, world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total.item() / B
+        return float(sums["loss"]) / B
 
     time_steps(step, batches, args.steps, base)
 

@@ -11,8 +11,9 @@ Query q may attend key k of the same row iff
 and every token attends to itself, so padding queries (doc == -1) get a defined output. The
 rule is written once (`allowed`) and used by the dense SDPA mask, the flex `mask_mod` and the
 KV-cache mask of `simpo.generate`. The "sdpa" backend runs packed rows document by document
-(`simpo.attention_docs`: exact, and it skips the blocks between documents that a dense (T, T)
-mask pays for); a layout of another shape falls back to the dense mask.
+(`simpo.attention_varlen`: exact, and it skips the blocks between documents that a dense (T, T)
+mask pays for); a packed layout of another shape is a LayoutError, never a silent dense
+fallback. "dense" is the explicit (T, T)-mask reference path.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from simpo.attention_docs import DocMasks, band_mask, build_doc_plan
+from simpo.attention_varlen import DocMasks, LayoutError, band_mask, build_doc_plan
+
+BACKENDS = ("auto", "sdpa", "flex", "dense")  # auto: flex on CUDA, sdpa elsewhere
 
 
 def allowed(
@@ -85,22 +88,24 @@ class Layout:
 
     def mask(self, window: int | None, softcap: float | None, backend: str) -> Any:
         """The mask `attend` uses: None for plain causal rows without window or soft-cap (SDPA's
-        is_causal kernels); for backend "sdpa" the per-document plan (`DocMasks`), or a dense
-        bool mask if the layout has no such plan; for "flex" a BlockMask."""
-        if backend not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
+        is_causal kernels); for backend "sdpa" the per-document plan (`DocMasks`), or the dense
+        bool mask when every row is one sequence; for "dense" always the dense mask; for "flex"
+        a BlockMask."""
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         if self.plain and window is None and softcap is None:
             return None
         if backend == "auto":
             backend = "flex" if self.doc_ids.is_cuda else "sdpa"
         if backend == "flex":
             return self.block_mask(window)
-        docs = self.doc_masks(window, softcap)
+        docs = None if backend == "dense" else self.doc_masks(window, softcap)
         return self.dense_mask(window) if docs is None else docs
 
     def doc_masks(self, window: int | None, softcap: float | None) -> DocMasks | None:
-        """The per-document path's plan and per-length band masks; None if not applicable or
-        if every row is one causal sequence (padded rows: the dense mask is the baseline)."""
+        """The per-document path's plan and per-length band masks; None if every row is one
+        causal sequence (padded rows: the dense mask is the baseline there). A packed layout
+        it cannot plan raises LayoutError rather than silently going dense."""
         key = ("docs", window, softcap is not None)
         if key not in self._masks:
             if ("plan",) not in self._masks:
@@ -108,7 +113,12 @@ class Layout:
                     self.doc_ids, self.branch_ids, self.position_ids
                 )
             plan, docs = self._masks[("plan",)], None
-            if plan is not None and plan.packed and (window is None or plan.consecutive):
+            if plan is not None and plan.packed:
+                if window is not None and not plan.consecutive:
+                    raise LayoutError(
+                        "a sliding window needs positions that run on by one inside each "
+                        "packed sequence; use model.attention='dense' for other layouts"
+                    )
                 # the math path (soft-cap) always needs a mask; SDPA only for a window < L
                 masks = tuple(
                     band_mask(length, window, self.doc_ids.device)
@@ -177,7 +187,7 @@ def masked_attention(
 def doc_attention(
     q: Tensor, k: Tensor, v: Tensor, docs: DocMasks, scale: float, softcap: float | None
 ) -> Tensor:
-    """Attention document by document (see `simpo.attention_docs`); shapes as in `attend`."""
+    """Attention document by document (see `simpo.attention_varlen`); shapes as in `attend`."""
     B, Hq, T, _ = q.shape
     plan = docs.plan
     sizes = [length * n for length, n in plan.groups]

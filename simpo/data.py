@@ -4,10 +4,16 @@
 skipped and counted per reason (with the first few file:line examples); a file with no usable
 row is an error. `cfg` is any object with DataConfig's attributes (simpo/config.py).
 
-Truncation: the prompt is cut to `max_prompt_length` (keep_end keeps BOS and the last tokens,
-keep_start the first), then each response gets `max_length - len(prompt)` tokens, not the
-official trainer's `max_length - max_prompt_length`. A cut response has no EOS, which biases
-SimPO's length normalisation: cut responses are counted.
+Templates and conventions (data.template / data.chat_template, data.mask) are
+simpo/templates.py and simpo/conventions.py. Truncation (data.truncation_rule):
+  fit       the prompt is cut to `max_prompt_length` when longer (keep_end keeps BOS and the
+            last tokens, keep_start the first), then each response gets
+            `max_length - len(prompt)` tokens.
+  official  the official SimPO trainer (`tokenize_row`): only when prompt + the longer response
+            exceed `max_length` is the prompt cut to `max_prompt_length` (keep_end: its last
+            tokens, BOS included in the cut), and if the pair is still too long both responses
+            are cut to `max_length - max_prompt_length` (248 tokens at 2048 / 1800).
+A cut response has no EOS, which biases SimPO's length normalisation: cut responses are counted.
 """
 
 from __future__ import annotations
@@ -24,32 +30,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from simpo.conventions import CONVENTIONS, encode_pair
+from simpo.conventions import encode_prompt as encode_prompt  # re-exported: generation prompts
+from simpo.progress import progress_bar
 from simpo.readers import (
     FORMATS,
     DataError,
     Fields,
     Skip,
+    check_file,
     detect_format,
     parse_row,
     read_records,
     to_example,
 )
-from simpo.templates import MASKS, TEMPLATES, TemplateError, encode_conversation, get_template
-from simpo.templates import encode_prompt as encode_prompt  # re-exported: prompts for generation
+from simpo.templates import ChatTemplate, TemplateError, get_template
 from simpo.tokenizer import Tokenizer
 
 TRUNCATIONS = ("keep_end", "keep_start")
-CACHE_VERSION = 1  # bump when tokenisation changes, so old caches are not reused
+TRUNCATION_RULES = ("fit", "official")
+CACHE_VERSION = 2  # bump when tokenisation changes, so old caches are not reused
 _EXAMPLES = 3  # file:line examples kept per skip reason
 _COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    prompt_ids: list[int]  # BOS + prompt turns (+ assistant header with mask "trl")
-    chosen_ids: list[int]  # end with EOS / end-of-turn unless truncated
+    prompt_ids: list[int]  # the prompt as the convention tokenises it (simpo/conventions.py)
+    chosen_ids: list[int]  # official: header .. EOS; trl: content .. turn end (unless cut)
     rejected_ids: list[int]
     index: int  # 0-based row in the source file
 
@@ -60,6 +69,7 @@ class LoadReport:
     format: str = ""
     template: str = ""
     mask: str = ""
+    truncation_rule: str = ""
     rows: int = 0
     pairs: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
@@ -93,7 +103,8 @@ class LoadReport:
         lines = [
             f"{self.path}: {self.pairs} pairs from {self.rows} rows ({self.format}, template "
             f"{self.template}, mask {self.mask}{source})",
-            f"  truncated: {self.truncated_prompts} prompts, {self.truncated_chosen} chosen and "
+            f"  truncated ({self.truncation_rule} rule): {self.truncated_prompts} prompts, "
+            f"{self.truncated_chosen} chosen and "
             f"{self.truncated_rejected} rejected responses (these have no EOS)",
         ]
         if self.pairs:
@@ -111,21 +122,30 @@ class _Settings:
 
     format: str
     fields: Fields
-    template: str
+    template: ChatTemplate
     mask: str
     max_length: int
     max_prompt_length: int
     truncation: str
+    truncation_rule: str
 
 
 def check_config(cfg: Any) -> None:
     """Raise ValueError naming the data.* key that has a bad value."""
-    for key, allowed in (("mask", MASKS), ("truncation", TRUNCATIONS), ("format", FORMATS)):
+    choices = [("mask", CONVENTIONS), ("truncation", TRUNCATIONS), ("format", FORMATS)]
+    choices.append(("truncation_rule", TRUNCATION_RULES))
+    for key, allowed in choices:
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"data.{key} = {getattr(cfg, key)!r}; expected one of {allowed}")
     for key in ("max_length", "max_prompt_length"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"data.{key} = {getattr(cfg, key)}; expected >= 1")
+    if cfg.truncation_rule == "official" and cfg.max_prompt_length >= cfg.max_length:
+        raise ValueError(
+            f"data.max_prompt_length = {cfg.max_prompt_length} must be < data.max_length = "
+            f"{cfg.max_length} with data.truncation_rule = 'official' (a cut response keeps "
+            "max_length - max_prompt_length tokens)"
+        )
     if not 0 <= cfg.eval_fraction < 1:
         raise ValueError(f"data.eval_fraction = {cfg.eval_fraction}; expected 0 <= x < 1")
     if cfg.num_workers < 1:
@@ -139,12 +159,15 @@ def truncate_pair(
     max_prompt_length: int,
     truncation: str,
     keep_first: int = 0,
+    rule: str = "fit",
 ) -> tuple[list[int], list[list[int]], bool, list[bool]]:
-    """(prompt, responses, prompt was cut, each response was cut).
+    """(prompt, responses, prompt was cut, each response was cut) under `rule` (module doc).
 
-    keep_end never drops the first `keep_first` prompt tokens (BOS). Each response keeps
+    "fit": keep_end never drops the first `keep_first` prompt tokens (BOS); each response keeps
     `max_length - len(prompt)` tokens, so prompt + response <= max_length; Skip when that is 0.
     """
+    if rule == "official":
+        return _truncate_official(prompt, responses, max_length, max_prompt_length, truncation)
     cut_prompt = len(prompt) > max_prompt_length
     if cut_prompt and truncation == "keep_start":
         prompt = prompt[:max_prompt_length]
@@ -156,6 +179,42 @@ def truncate_pair(
     return prompt, [r[:budget] for r in responses], cut_prompt, [len(r) > budget for r in responses]
 
 
+def _truncate_official(
+    prompt: list[int],
+    responses: list[list[int]],
+    max_length: int,
+    max_prompt_length: int,
+    truncation: str,
+) -> tuple[list[int], list[list[int]], bool, list[bool]]:
+    """The official trainer's `tokenize_row` truncation (simpo_trainer.py), on one shared prompt."""
+    longer = max(len(r) for r in responses)
+    n = len(prompt)
+    if n + longer > max_length and truncation == "keep_start":
+        prompt = prompt[:max_prompt_length]
+    elif n + longer > max_length:  # the last tokens: BOS goes too
+        prompt = prompt[-max_prompt_length:]
+    cut = [False] * len(responses)
+    if len(prompt) + longer > max_length:
+        keep = max_length - max_prompt_length  # whatever the prompt's length
+        cut = [len(r) > keep for r in responses]
+        responses = [r[:keep] for r in responses]
+    return prompt, responses, len(prompt) < n, cut
+
+
+def check_roles(messages: list[dict[str, str]]) -> None:
+    """Skip unless: an optional system message, then user / assistant alternating, ending with
+    user (every reader's prompt; templates may check less)."""
+    roles = [m["role"] for m in messages]
+    turns = roles[1:] if roles[:1] == ["system"] else roles
+    expected = ["user", "assistant"] * len(turns)
+    if not turns or turns != expected[: len(turns)] or turns[-1] != "user":
+        raise Skip(
+            "bad_roles",
+            f"roles {roles}: expected an optional system message, then user/assistant "
+            "alternating, ending with user",
+        )
+
+
 Result = tuple[TokenizedPair, tuple[bool, bool, bool]] | Skip
 
 
@@ -163,16 +222,20 @@ def _encode(tokenizer: Tokenizer, s: _Settings, record: tuple[int, Any]) -> Resu
     index, value = record
     try:
         ex = to_example(parse_row(value), s.format, s.fields)
+        check_roles(ex.prompt)
         try:
-            prompt, responses = encode_conversation(
-                tokenizer, TEMPLATES[s.template], ex.prompt, [ex.chosen, ex.rejected], s.mask
+            prompt, responses = encode_pair(
+                tokenizer, s.template, ex.prompt, [ex.chosen, ex.rejected], s.mask
             )
         except TemplateError as e:
-            raise Skip("bad_roles", str(e)) from None
-        keep_first = int(tokenizer.bos_id is not None)
+            raise Skip("template_refused", str(e)) from None
+        if not all(responses):
+            raise Skip("empty_response", "a response has no tokens after the prompt's")
+        keep_first = int(bool(prompt) and prompt[0] == tokenizer.bos_id)
         prompt, (chosen, rejected), cut, (cut_c, cut_r) = truncate_pair(
-            prompt, responses, s.max_length, s.max_prompt_length, s.truncation, keep_first
-        )
+            prompt, responses, s.max_length, s.max_prompt_length, s.truncation, keep_first,
+            s.truncation_rule,
+        )  # fmt: skip
     except Skip as skip:
         return skip
     return TokenizedPair(prompt, chosen, rejected, index), (cut, cut_c, cut_r)
@@ -195,10 +258,10 @@ def _run(
 ) -> Iterator[Result]:
     progress = {"total": len(records), "desc": "tokenising", "unit": "row", "disable": not bar}
     if workers <= 1:
-        yield from tqdm((_encode(tokenizer, s, r) for r in records), **progress)
+        yield from progress_bar((_encode(tokenizer, s, r) for r in records), **progress)
         return
     with multiprocessing.Pool(workers, _init_worker, (tokenizer, s)) as pool:
-        yield from tqdm(pool.imap(_work, records, chunksize=64), **progress)
+        yield from progress_bar(pool.imap(_work, records, chunksize=64), **progress)
 
 
 def _parsed(records: Iterable[tuple[int, Any]]) -> Iterator[dict[str, Any]]:
@@ -259,17 +322,22 @@ def load_pairs(
     """Tokenised pairs of a preference file, in file order, and what was skipped / truncated."""
     check_config(cfg)
     path = Path(path)
-    template = get_template(cfg.template, tokenizer).name
+    try:
+        template = get_template(tokenizer, cfg.template, cfg.chat_template)
+    except TemplateError as e:
+        raise DataError(str(e)) from None
     fields = Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
-    lengths = (cfg.max_length, cfg.max_prompt_length, cfg.truncation)
+    lengths = (cfg.max_length, cfg.max_prompt_length, cfg.truncation, cfg.truncation_rule)
     s = _Settings(cfg.format, fields, template, cfg.mask, *lengths)
+    check_file(path)  # before hashing it for the cache key
     cache = _cache_file(cfg, path, tokenizer, s) if cfg.cache_dir else None
     if cache is not None and cache.is_file():
         return _load_cache(cache, path)
     records, unit = read_records(path)
     if s.format == "auto":
         s = replace(s, format=detect_format(_parsed(records), fields))
-    report = LoadReport(str(path), s.format, template, cfg.mask, rows=len(records))
+    report = LoadReport(str(path), s.format, template.name, cfg.mask, cfg.truncation_rule)
+    report.rows = len(records)
     pairs = []
     results = _run(tokenizer, s, records, cfg.num_workers, progress)
     for (index, _), result in zip(records, results, strict=True):
@@ -280,7 +348,15 @@ def load_pairs(
             pairs.append(result[0])
             report.add_pair(*result)
     if not pairs:
-        raise DataError(f"{path}: no usable preference pairs\n{report.summary()}")
+        hint = ""
+        if "template_refused" in report.skipped and cfg.mask == "official":
+            hint = (
+                "\n  the official convention renders each response as a lone assistant message, "
+                "which this template refuses; the official SimPO run replaced Mistral's template "
+                "(data.chat_template = 'configs/templates/mistral-simpo.jinja'), or use "
+                "data.mask = 'trl'"
+            )
+        raise DataError(f"{path}: no usable preference pairs\n{report.summary()}{hint}")
     if cache is not None:
         _save_cache(cache, pairs, report)
     return pairs, report

@@ -211,6 +211,7 @@ class _ResponseLogprobs(torch.autograd.Function):
         num_responses: int,
         softcap: float | None,
         rows: int,
+        logit_sums: Tensor | None,
     ) -> Tensor:
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for gradcheck
         n, vocab = targets.shape[0], weight.shape[0]
@@ -221,6 +222,9 @@ class _ResponseLogprobs(torch.autograd.Function):
             e = min(s + rows, n)
             z = logits_chunk_(hidden[hidden_index[s:e]], weight, buf[: e - s], softcap)
             target_logit = z.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
+            if logit_sums is not None:  # the official trainer's logits/* metric (no gradient)
+                mean_logit = z.mean(dim=1) * (1.0 if softcap is None else softcap)  # (c,)
+                logit_sums.index_add_(0, response_ids[s:e], mean_logit.to(logit_sums.dtype))
             if softcap is not None:
                 target_logit = target_logit * softcap
             lse[s:e] = lse_chunk_(z, softcap)[0]
@@ -248,7 +252,7 @@ class _ResponseLogprobs(torch.autograd.Function):
             accumulate_head_grads(dz, h, hidden_index[s:e], weight, grad_hidden, grad_weight)
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def response_logprobs(
@@ -261,6 +265,7 @@ def response_logprobs(
     softcap: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     chunk_size: int | None = None,
+    logit_sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sum of token log-probs and token count per response, without an (N, V) tensor.
 
@@ -277,16 +282,24 @@ def response_logprobs(
         chunk_bytes: memory budget of the chunk buffers; rows per chunk = `chunk_rows(...)`
             (also capped at 1/6 of the full (N, V) fp32 logits).
         chunk_size: scored tokens per chunk, overriding `chunk_bytes` (tests, benchmarks).
+        logit_sums: optional (R,) tensor; gets, per response, the sum over its scored tokens
+            of the mean logit over the vocabulary (soft-capped), added in place without a
+            gradient. Divided by the token count this is the official SimPO trainer's
+            `logits/chosen` / `logits/rejected` restricted to response positions (it averages
+            `logits.mean()` over the whole padded batch, prompt and padding positions included).
 
     Returns:
         sum (R,) and count (R,), fp32 (fp64 for fp64 inputs). Only `sum` is differentiable;
         gradients flow to `hidden` and `weight` (and add up with a tied embedding's).
     """
     check_inputs(hidden, weight, (hidden_index, targets, response_ids))
+    if logit_sums is not None and logit_sums.shape != (num_responses,):
+        raise ValueError(f"logit_sums must have shape ({num_responses},)")
     rows = rows_per_chunk(targets.shape[0], weight, softcap, chunk_bytes, chunk_size)
     sums = _ResponseLogprobs.apply(
-        hidden, weight, hidden_index, targets, response_ids, num_responses, softcap, rows
-    )
+        hidden, weight, hidden_index, targets, response_ids, num_responses, softcap, rows,
+        logit_sums,
+    )  # fmt: skip
     return sums, response_counts(response_ids, num_responses, sums.dtype)
 
 

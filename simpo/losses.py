@@ -237,6 +237,7 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
         p.chosen, p.rejected)),
 ]}
 # fmt: on
+LOSS_TYPES = ("sigmoid", "hinge")  # SimPO's shape (loss.loss_type)
 _SMOOTHED = {"simpo", "dpo", "rdpo", "cpo"}  # losses that use label_smoothing (simpo: sigmoid)
 _DPO_BETA = {"dpo", "ipo", "hinge", "rdpo", "cpo"}  # β of the DPO family (papers: 0.01 … 0.5)
 
@@ -256,6 +257,8 @@ def compute_loss(
     policy_count: Tensor,
     ref_sum: Tensor | None = None,
     ref_count: Tensor | None = None,
+    *,
+    check_counts: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair losses and metrics from interleaved per-response log-probs.
 
@@ -264,6 +267,9 @@ def compute_loss(
         policy_sum, policy_count: (R,) with R = 2P; response 2p is pair p's chosen answer.
         ref_sum, ref_count: the same from the reference policy (losses with needs_reference);
             ref_count defaults to policy_count.
+        check_counts: raise if a response has no scored token (its average would be 0/0).
+            Reading the check's answer is a host synchronisation on a GPU; the training step
+            passes False because `simpo.packing` already rejects pairs with an empty part.
 
     Returns:
         losses (P,), plus `cfg.sft_weight` x NLL(y_w) when that is non-zero, and detached
@@ -277,7 +283,7 @@ def compute_loss(
         raise ValueError(f"expected (2P,) interleaved responses, got {tuple(policy_sum.shape)}")
     if spec.needs_reference and ref_sum is None:
         raise ValueError(f"loss '{spec.name}' needs reference log-probs (ref_sum)")
-    if bool((policy_count <= 0).any()):  # one host sync; an empty response has no avg
+    if check_counts and bool((policy_count <= 0).any()):  # an empty response has no avg
         raise ValueError("a response has no scored tokens (count 0); drop such pairs upstream")
     count = policy_count.to(policy_sum.dtype)  # (R,)
 
@@ -315,7 +321,7 @@ def check_loss_config(cfg: Any, has_reference: bool) -> list[str]:
     Raises ValueError for settings that cannot run (unknown name or loss_type).
     """
     spec = get_loss(cfg.name)
-    if cfg.loss_type not in ("sigmoid", "hinge"):
+    if cfg.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss.loss_type must be 'sigmoid' or 'hinge', got {cfg.loss_type!r}")
     out = []
     if spec.name == "simpo" and cfg.beta < 0.5:

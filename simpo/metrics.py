@@ -14,22 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from simpo.attention import Layout
-from simpo.dist import all_reduce
-from simpo.hf_config import ModelArgs
+from simpo.model import ModelArgs
+from simpo.runfiles import append_line, restart_jsonl
+from simpo.world import all_reduce
 
 # Dense bf16 peak FLOP/s by device-name substring (vendor datasheets, no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 
 
-def reduce_sums(values: dict[str, float], op: str = "sum") -> dict[str, float]:
-    """Sum (or max) each value over all ranks in one collective."""
+def reduce_scalars(values: dict[str, float | Tensor], op: str = "sum") -> dict[str, float]:
+    """Each value summed (op="sum") or maximised (op="max") over all ranks, in one collective
+    and one host synchronisation (values may be 0-dim tensors still on the device)."""
     if not values:
         return {}
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    t = t.cuda() if torch.cuda.is_available() else t  # NCCL reduces CUDA tensors only
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values.values()])
     all_reduce(t, torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
     return dict(zip(values, t.tolist(), strict=True))
 
@@ -77,21 +79,18 @@ class MetricsWriter:
     """Appends one JSON object per step to `<output_dir>/metrics.jsonl` (rank 0 only).
 
     On resume, records after the resumed step (written before the crash, then redone) are
-    dropped so the file reads as one uninterrupted run.
+    dropped so the file reads as one uninterrupted run, and so is a torn last line (see
+    simpo.runfiles.restart_jsonl, which says so); the file is rewritten atomically.
     """
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path, self.enabled = path, enabled
         if not enabled:
             return
-        kept = []
-        if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                    kept.append(line + "\n")
-        path.write_text("".join(kept))
+        keep = None if resume_step is None else (lambda r: r.get("step", 0) <= resume_step)
+        for note in restart_jsonl(path, keep):
+            print(f"warning: {note}", flush=True)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))

@@ -1,35 +1,103 @@
-"""One decoder Transformer for the llama, mistral, qwen2, gemma and gemma2 families.
+"""One decoder Transformer: the llama, mistral, qwen2, gemma and gemma2 families as features.
 
-Parameter names equal Hugging Face's, so checkpoints load without a rename table
-(`Transformer.from_pretrained`). RoPE uses HF's rotate-half convention, computed in fp32.
-The family's options come from `ModelArgs` (simpo/hf_config.py, re-exported here).
+`ModelArgs` lists the architecture's features (norm style, embedding scale, MLP activation,
+sandwich norms, soft-caps, per-layer windows); `simpo.hf` maps each config.json family onto
+them, so this file never reads a family name. Parameter names equal Hugging Face's, so
+checkpoints load without a rename table (`simpo.hf.load_model`). RoPE uses HF's rotate-half
+convention, computed in fp32.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simpo.attention import Layout, attend, masked_attention
-from simpo.checkpoint import copy_full_, load_state_into
-from simpo.hf_config import ModelArgs, tiny_args, tiny_hf_config
 from simpo.logprobs import DEFAULT_CHUNK_BYTES, ScoreIndex, response_logprobs
+from simpo.world import copy_full_
 
 if TYPE_CHECKING:
     from simpo.generate import KVCache
 
-__all__ = ["ModelArgs", "Transformer", "tiny_args", "tiny_hf_config"]
+SLIDING, FULL = "sliding_attention", "full_attention"
+MLP_ACTS = ("silu", "gelu_tanh")
+
+
+@dataclass
+class ModelArgs:
+    """Everything `Transformer` needs to know about a checkpoint's architecture."""
+
+    vocab_size: int  # embedding rows; may exceed the tokenizer's size
+    dim: int  # hidden_size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # None, or {"rope_type": "linear"|"llama3", ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    mlp_act: str = "silu"  # one of MLP_ACTS: SwiGLU, or GeGLU with tanh GELU (gemma)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), weights start at 0 (gemma)
+    scale_embeddings: bool = False  # embeddings x sqrt(dim), rounded to the activation dtype
+    sandwich_norm: bool = False  # extra norms after attention and after the MLP (gemma2)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # SLIDING or FULL per layer
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 (else head_dim)
+    attn_softcap: float | None = None  # tanh soft-cap on attention scores
+    final_softcap: float | None = None  # tanh soft-cap on the output logits
+    # Not read by the model: what simpo.hf needs to write config.json back.
+    model_type: str = "llama"
+    dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Per layer: the sliding window in positions, or None for full attention."""
+        types = self.layer_types or (FULL,) * self.n_layers
+        return [self.sliding_window if t == SLIDING else None for t in types]
 
 
 def rope_cos_sin(args: ModelArgs, position_ids: Tensor) -> tuple[Tensor, Tensor]:
     """cos, sin (B, 1, T, head_dim) in fp32 for positions (B, T); HF's inv_freq formulas."""
-    d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = args.rope_scaling
+    scaling = tuple(sorted((args.rope_scaling or {}).items()))
+    inv = _inv_freq(args.head_dim, args.rope_theta, scaling, position_ids.device)  # (d/2,)
+    freqs = position_ids[..., None].float() * inv  # (B, T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
+    return emb.cos(), emb.sin()
+
+
+_INV_FREQ: dict[tuple[Any, ...], Tensor] = {}  # a plain dict: compiled code reads the tensor
+
+
+def _inv_freq(
+    d: int, theta: float, scaling: tuple[tuple[str, Any], ...], device: torch.device
+) -> Tensor:
+    """RoPE inverse frequencies (d/2,) fp32 on `device`: computed on the CPU, as HF does (the
+    same bits), and copied to the device once per process rather than in every forward (a
+    copy from the host memory of a fresh tensor makes the host wait for the GPU). A plain dict,
+    not functools.cache: torch.compile traces through a cache wrapper and would put the CPU
+    computation inside the graph (no CUDA graph then); it reads a dict's tensor as a constant."""
+    key = (d, theta, scaling, device)
+    if key not in _INV_FREQ:
+        with torch.inference_mode(False):  # a normal tensor, even if first made for generation
+            _INV_FREQ[key] = _cpu_inv_freq(d, theta, dict(scaling) or None).to(device)
+    return _INV_FREQ[key]
+
+
+def _cpu_inv_freq(d: int, theta: float, sc: dict[str, Any] | None) -> Tensor:
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     if sc is not None and sc["rope_type"] == "linear":
         inv = inv / sc["factor"]
     elif sc is not None:  # llama3: low frequencies / factor, smooth blend in between
@@ -41,9 +109,7 @@ def rope_cos_sin(args: ModelArgs, position_ids: Tensor) -> tuple[Tensor, Tensor]
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < ctx / hi) & ~(wavelen > ctx / lo)
         inv = torch.where(medium, blended, scaled)
-    freqs = position_ids[..., None].float() * inv.to(position_ids.device)  # (B, T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
-    return emb.cos(), emb.sin()
+    return inv
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -68,13 +134,14 @@ class RMSNorm(nn.Module):
 
 
 def _norm(args: ModelArgs) -> RMSNorm:
-    return RMSNorm(args.dim, args.norm_eps, offset=args.gemma)
+    return RMSNorm(args.dim, args.norm_eps, offset=args.norm_plus_one)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+    def __init__(self, args: ModelArgs, layer_idx: int, attn_backend: str) -> None:
         super().__init__()
         self.args, self.layer_idx, self.window = args, layer_idx, args.windows[layer_idx]
+        self.attn_backend = attn_backend
         hd, dim = args.head_dim, args.dim
         self.q_proj = nn.Linear(dim, args.n_heads * hd, bias=args.qkv_bias)
         self.k_proj = nn.Linear(dim, args.n_kv_heads * hd, bias=args.qkv_bias)
@@ -94,7 +161,7 @@ class Attention(nn.Module):
         if cache is None:
             out = attend(
                 q, k, v, layout, window=self.window, softcap=softcap, scale=self.scale,
-                backend=self.args.attn_backend,
+                backend=self.attn_backend,
             )  # fmt: skip
         else:  # decoding: keys are everything cached so far, (B, Hkv, S, D)
             k, v = cache.update(self.layer_idx, k, v)
@@ -109,22 +176,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.gemma = args.gemma
+        self.gelu = args.mlp_act == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gate_proj(x)
-        gate = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+    def __init__(self, args: ModelArgs, layer_idx: int, attn_backend: str) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer_idx)
+        self.self_attn = Attention(args, layer_idx, attn_backend)
         self.mlp = MLP(args)
         self.input_layernorm = _norm(args)
         self.post_attention_layernorm = _norm(args)  # llama-style: the pre-MLP norm
-        self.sandwich = args.model_type == "gemma2"
+        self.sandwich = args.sandwich_norm
         if self.sandwich:
             self.pre_feedforward_layernorm = _norm(args)
             self.post_feedforward_layernorm = _norm(args)
@@ -143,19 +210,27 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     """HF's `model.` prefix: embed_tokens, layers, norm."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, attn_backend: str) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i, attn_backend) for i in range(args.n_layers))
         self.norm = _norm(args)
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, logits_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    """attn_backend: "auto" (flex on CUDA, SDPA on CPU), "sdpa", "flex" or "dense"; a run-time
+    choice. logits_chunk_bytes: the fused head's chunk budget (train.py: model.logits_chunk_mib)."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        attn_backend: str = "auto",
+        logits_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
         super().__init__()
-        self.args = args
-        self.logits_chunk_bytes = logits_chunk_bytes  # the fused head's chunk budget
-        self.model = Backbone(args)
+        self.args, self.attn_backend = args, attn_backend
+        self.logits_chunk_bytes = logits_chunk_bytes
+        self.model = Backbone(args, attn_backend)
         self.lm_head: nn.Linear | None = None  # tied: the head is the embedding
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -172,25 +247,27 @@ class Transformer(nn.Module):
     def hidden_states(
         self,
         input_ids: Tensor,
-        position_ids: Tensor | None = None,
         layout: Layout | None = None,
         cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
     ) -> Tensor:
-        """Final-norm hidden states (B, T, dim) for input_ids (B, T)."""
+        """Final-norm hidden states (B, T, dim) for input_ids (B, T).
+
+        Positions come from `layout` when given; `position_ids` (B, T) serve decoding with a
+        KV cache (and plain causal rows); neither: 0..T-1.
+        """
         B, T = input_ids.shape
-        if position_ids is None:
-            position_ids = (
-                torch.arange(T, device=input_ids.device).expand(B, T)
-                if layout is None
-                else layout.position_ids
-            )
+        if layout is not None:
+            position_ids = layout.position_ids
+        elif position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         if layout is None and cache is None:
             layout = Layout.causal(position_ids)
         if layout is not None:  # build each mask once, outside the checkpointed/compiled blocks
             for window in set(self.args.windows):
-                layout.mask(window, self.args.attn_softcap, self.args.attn_backend)
+                layout.mask(window, self.args.attn_softcap, self.attn_backend)
         h = self.model.embed_tokens(input_ids)  # (B, T, dim)
-        if self.args.gemma:  # the scale is rounded to the activation dtype, as in HF
+        if self.args.scale_embeddings:  # the scale is rounded to the activation dtype, as in HF
             h = h * torch.tensor(self.args.dim**0.5).to(h.dtype)
         rope = rope_cos_sin(self.args, position_ids)
         for block in self.model.layers:
@@ -200,16 +277,18 @@ class Transformer(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        position_ids: Tensor | None = None,
         layout: Layout | None = None,
         score: ScoreIndex | None = None,
         cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
+        logit_sums: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, V); or, with `score`, per-response (sum, count) of target log-probs.
 
-        The fused head runs here, inside forward, so FSDP2 unshards its weight.
+        The fused head runs here, inside forward, so FSDP2 unshards its weight. `logit_sums`
+        (R,), optional: gets each response's sum of mean logits (the official logits/* metric).
         """
-        hidden = self.hidden_states(input_ids, position_ids, layout, cache)  # (B, T, dim)
+        hidden = self.hidden_states(input_ids, layout, cache, position_ids)  # (B, T, dim)
         cap = self.args.final_softcap
         if score is None:
             logits = F.linear(hidden, self.head_weight)  # (B, T, V)
@@ -217,7 +296,7 @@ class Transformer(nn.Module):
         return response_logprobs(
             hidden.flatten(0, 1), self.head_weight, score.hidden_index, score.targets,
             score.response_ids, score.num_responses, softcap=cap,
-            chunk_bytes=self.logits_chunk_bytes,
+            chunk_bytes=self.logits_chunk_bytes, logit_sums=logit_sums,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -226,24 +305,9 @@ class Transformer(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
-                full = torch.full(p.shape, 0.0 if self.args.gemma else 1.0)
+                full = torch.full(p.shape, 0.0 if self.args.norm_plus_one else 1.0)
             elif name.endswith(".bias"):
                 full = torch.zeros(p.shape)
             else:
                 full = torch.randn(p.shape, generator=gen) * std
             copy_full_(p, full)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> Transformer:
-        """Build on meta, materialise on `device` in `dtype`, load HF safetensors from `path`."""
-        args = ModelArgs.from_hf_config(Path(path) / "config.json")
-        with torch.device("meta"):
-            model = cls(args).to(dtype)
-        model.to_empty(device=device)
-        load_state_into(model, path)
-        return model

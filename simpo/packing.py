@@ -1,6 +1,6 @@
 """Pack tokenised preference pairs into batches for one forward pass each.
 
-Layouts (DESIGN.md section 2); `T` is the row length, `j` the pair's number in its batch:
+Layouts (docs/design.md §5); `T` is the row length, `j` the pair's number in its batch:
 - `shared_prompt` (default): `[prompt | chosen | rejected]` per pair, many pairs per row. The
   prompt is stored once: branch 0/1/2, chosen positions continue from the prompt and rejected
   positions restart at len(prompt), so attention (a small tree per pair, see `Layout`) sees
@@ -28,12 +28,14 @@ import torch
 
 from simpo.attention import Layout
 from simpo.logprobs import ScoreIndex
+from simpo.metrics import attention_context
+from simpo.world import to_device
 
 if TYPE_CHECKING:
     from simpo.data import TokenizedPair
 
-LayoutName = Literal["shared_prompt", "plain", "padded"]
-LAYOUTS: tuple[str, ...] = ("shared_prompt", "plain", "padded")
+Packing = Literal["shared_prompt", "plain", "padded"]
+PACKINGS: tuple[str, ...] = ("shared_prompt", "plain", "padded")
 PAD_ID = 0  # input id of padding; its doc id is -1 so nothing attends to it
 
 # (pair number in the input list, first row, first column) of one pair in its batch
@@ -42,25 +44,39 @@ Placement = tuple[int, int, int]
 
 @dataclass
 class PackedBatch:
-    """One micro-batch: `model(input_ids, layout.position_ids, layout, score)` scores it."""
+    """One micro-batch: `model(input_ids, layout, score)` scores it.
+
+    Everything the training step needs on the host (counts, pair ids) is computed here, at
+    packing time, so the step never reads a device tensor back (a host synchronisation).
+    Every response has at least one scored token (`_plan` rejects empty parts), which is
+    what lets `compute_loss` skip its count check in the step.
+    """
 
     input_ids: torch.Tensor  # (B, T) long
     layout: Layout  # doc_ids, branch_ids, position_ids: each (B, T) long
     score: ScoreIndex  # hidden_index, targets, response_ids: each (N,); num_responses = 2P
-    pair_index: torch.Tensor  # (P,) long: TokenizedPair.index of pair j (responses 2j, 2j+1)
+    pair_index: torch.Tensor  # (P,) long, on the host: TokenizedPair.index of pair j
     num_real_tokens: int  # non-padding tokens in input_ids (what the model computes on)
+    attention_context: int  # sum over documents of their length squared (for MFU)
 
     @property
     def num_pairs(self) -> int:
         return self.pair_index.numel()
 
     def to(self, device: torch.device | str) -> PackedBatch:
+        """A copy on `device`, copied without blocking the host (`simpo.world.to_device`).
+
+        `pair_index` stays on the host: it only names pairs (reference-table lookups, result
+        rows), and reading it from the device would wait for the device."""
+        lay, score = self.layout, self.score
+        arrays = (lay.doc_ids, lay.branch_ids, lay.position_ids)
         return PackedBatch(
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            layout=self.layout.to(device),
-            score=self.score.to(device),
-            pair_index=self.pair_index.to(device, non_blocking=True),
+            input_ids=to_device(self.input_ids, device),
+            layout=Layout(*(to_device(t, device) for t in arrays), plain=lay.plain),
+            score=ScoreIndex(*(to_device(t, device) for t in score[:3]), score.num_responses),
+            pair_index=self.pair_index,
             num_real_tokens=self.num_real_tokens,
+            attention_context=self.attention_context,
         )
 
 
@@ -81,22 +97,22 @@ class PackStats:
         return self.real_tokens / max(self.budget, 1)
 
 
-def pair_tokens(pair: TokenizedPair, layout: LayoutName = "shared_prompt") -> int:
-    """Token slots one pair takes in `layout` (for `padded`: both rows, padded to the longer)."""
+def pair_tokens(pair: TokenizedPair, packing: Packing = "shared_prompt") -> int:
+    """Token slots one pair takes under `packing` (`padded`: both rows, padded to the longer)."""
     m, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-    if layout == "shared_prompt":
+    if packing == "shared_prompt":
         return m + c + r
-    if layout == "plain":
+    if packing == "plain":
         return 2 * m + c + r
-    if layout == "padded":
+    if packing == "padded":
         return 2 * (m + max(c, r))
-    raise ValueError(f"unknown packing layout {layout!r}; expected one of {LAYOUTS}")
+    raise ValueError(f"unknown packing {packing!r}; expected one of {PACKINGS}")
 
 
 def pack_pairs(
     pairs: Sequence[TokenizedPair],
     max_tokens: int,
-    layout: LayoutName = "shared_prompt",
+    packing: Packing = "shared_prompt",
     rows_per_batch: int = 1,
 ) -> list[PackedBatch]:
     """Pack `pairs` into batches of at most `rows_per_batch * max_tokens` token slots.
@@ -107,7 +123,7 @@ def pack_pairs(
     sequence). Deterministic. `pack_stats` reports how full the batches are. A pair that does
     not fit in `max_tokens` (see `pair_tokens`) or has an empty part is a ValueError.
     """
-    return [_build(pairs, p, layout) for p in _plan(pairs, max_tokens, layout, rows_per_batch)]
+    return [_build(pairs, p, packing) for p in _plan(pairs, max_tokens, packing, rows_per_batch)]
 
 
 def pack_stats(
@@ -131,7 +147,7 @@ def empty_batch() -> PackedBatch:
     none = torch.zeros(0, dtype=torch.long)  # (0,)
     layout = Layout(torch.full((1, 1), -1), one.clone(), one.clone())
     return PackedBatch(
-        one, layout, ScoreIndex(none, none.clone(), none.clone(), 0), none.clone(), 0
+        one, layout, ScoreIndex(none, none.clone(), none.clone(), 0), none.clone(), 0, 0
     )
 
 
@@ -140,7 +156,7 @@ def plan_micro_batches(
     max_tokens: int,
     world_size: int = 1,
     rank: int = 0,
-    layout: LayoutName = "shared_prompt",
+    packing: Packing = "shared_prompt",
     rows_per_batch: int = 1,
 ) -> list[PackedBatch]:
     """This rank's micro-batches for one optimizer step.
@@ -154,14 +170,14 @@ def plan_micro_batches(
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     load = [0] * world_size
     shares: list[list[int]] = [[] for _ in range(world_size)]
-    sizes = [pair_tokens(p, layout) for p in pairs]
+    sizes = [pair_tokens(p, packing) for p in pairs]
     for i in sorted(range(len(pairs)), key=lambda i: -sizes[i]):  # stable: ties in input order
         r = min(range(world_size), key=lambda r: load[r])
         load[r] += sizes[i]
         shares[r].append(i)
     share_pairs = [[pairs[i] for i in sorted(share)] for share in shares]
-    plans = [_plan(share, max_tokens, layout, rows_per_batch) for share in share_pairs]
-    mine = [_build(share_pairs[rank], p, layout) for p in plans[rank]]
+    plans = [_plan(share, max_tokens, packing, rows_per_batch) for share in share_pairs]
+    mine = [_build(share_pairs[rank], p, packing) for p in plans[rank]]
     return mine + [empty_batch() for _ in range(max(map(len, plans)) - len(mine))]
 
 
@@ -185,14 +201,14 @@ def _best_fit_rows(sizes: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 def _plan(
-    pairs: Sequence[TokenizedPair], max_tokens: int, layout: LayoutName, rows_per_batch: int
+    pairs: Sequence[TokenizedPair], max_tokens: int, packing: Packing, rows_per_batch: int
 ) -> list[list[Placement]]:
     """Validate and place every pair: a list of batches, each a list of placements."""
     if max_tokens < 1 or rows_per_batch < 1:
         raise ValueError(
             f"need max_tokens >= 1 and rows_per_batch >= 1, got {max_tokens}, {rows_per_batch}"
         )
-    sizes = [pair_tokens(p, layout) for p in pairs]
+    sizes = [pair_tokens(p, packing) for p in pairs]
     for p, size in zip(pairs, sizes, strict=True):
         if not (p.prompt_ids and p.chosen_ids and p.rejected_ids):
             raise ValueError(
@@ -201,12 +217,12 @@ def _plan(
             )
         if size > max_tokens:
             raise ValueError(
-                f"pair {p.index} needs {size} tokens in the {layout!r} layout but max_tokens "
+                f"pair {p.index} needs {size} tokens with packing {packing!r} but max_tokens "
                 f"is {max_tokens}: max_tokens is smaller than the data's max_length allows "
-                f"(max_tokens >= 2 x data.max_length fits every pair in every layout)"
+                f"(max_tokens >= 2 x data.max_length fits every pair under every packing)"
             )
     budget = rows_per_batch * max_tokens
-    if layout == "padded":  # input order; a batch is (2P, T) with T its longest sequence
+    if packing == "padded":  # input order; a batch is (2P, T) with T its longest sequence
         batches: list[list[Placement]] = []
         longest = 0  # longest sequence in the open batch
         for i, size in enumerate(sizes):
@@ -232,11 +248,11 @@ def _plan(
 
 
 def _build(
-    pairs: Sequence[TokenizedPair], placements: Sequence[Placement], layout: LayoutName
+    pairs: Sequence[TokenizedPair], placements: Sequence[Placement], packing: Packing
 ) -> PackedBatch:
     """Write the placed pairs into (B, T) arrays and collect their score triples."""
-    rows_used = 2 if layout == "padded" else 1
-    cols = [pair_tokens(pairs[i], layout) // rows_used for i, _, _ in placements]
+    rows_used = 2 if packing == "padded" else 1
+    cols = [pair_tokens(pairs[i], packing) // rows_used for i, _, _ in placements]
     B = max(row for _, row, _ in placements) + rows_used
     T = max(start + n for (_, _, start), n in zip(placements, cols, strict=True))
     ids = torch.full((B, T), PAD_ID, dtype=torch.long)
@@ -266,13 +282,13 @@ def _build(
     for j, (i, row, s) in enumerate(placements):
         prompt, chosen, rejected = pairs[i].prompt_ids, pairs[i].chosen_ids, pairs[i].rejected_ids
         m, c = len(prompt), len(chosen)
-        if layout == "shared_prompt":  # [prompt | chosen | rejected], one doc, branches 0/1/2
+        if packing == "shared_prompt":  # [prompt | chosen | rejected], one doc, branches 0/1/2
             put(row, s, prompt, j, 0, 0)
             put(row, s + m, chosen, j, 1, m)
             put(row, s + m + c, rejected, j, 2, m)
             score(2 * j, row, s + m - 1, s + m, chosen)
             score(2 * j + 1, row, s + m - 1, s + m + c, rejected)
-        elif layout == "plain":  # [prompt | chosen][prompt | rejected], docs 2j and 2j+1
+        elif packing == "plain":  # [prompt | chosen][prompt | rejected], docs 2j and 2j+1
             put(row, s, prompt + chosen, 2 * j, 0, 0)
             put(row, s + m + c, prompt + rejected, 2 * j + 1, 0, 0)
             score(2 * j, row, s + m - 1, s + m, chosen)
@@ -283,12 +299,14 @@ def _build(
             score(2 * j, row, m - 1, m, chosen)
             score(2 * j + 1, row + 1, m - 1, m, rejected)
 
+    layout = Layout(doc, branch, pos)
     return PackedBatch(
         input_ids=ids,
-        layout=Layout(doc, branch, pos),
+        layout=layout,
         score=ScoreIndex(
             torch.cat(hidden), torch.cat(targets), torch.cat(response), 2 * len(placements)
         ),
         pair_index=torch.tensor([pairs[i].index for i, _, _ in placements], dtype=torch.long),
         num_real_tokens=int((doc >= 0).sum()),
+        attention_context=attention_context(layout),
     )

@@ -1,7 +1,10 @@
 """Preference files -> `Example(prompt messages, chosen text, rejected text)`, or a `Skip`.
 
 Files: .jsonl, .json (a list of objects), either gzipped (.gz), and .parquet (optional pyarrow).
-Formats ("auto" looks at the first row that has the chosen field):
+Text is decoded line by line: a line that is not UTF-8 is one skipped row (reason
+invalid_utf8, with file:line), a UTF-8 byte-order mark is ignored, and a truncated or corrupt
+.gz is an error naming the last complete line. Formats ("auto": the majority of the first
+100 rows that have the chosen field, so one odd row does not decide):
   messages  UltraFeedback-binarized: `chosen` / `rejected` are message lists ending with the
             assistant's; the messages before it are the prompt and must match in both (when
             there are none, `prompt` holds it: a string or a message list).
@@ -14,14 +17,17 @@ Field names are configurable. A bad row raises `Skip(reason, detail)`; a bad fil
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import os
 import re
+import zlib
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 FORMATS = ("auto", "messages", "flat", "hh")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -54,10 +60,58 @@ class Example:
     rejected: str
 
 
-def _open(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+DETECT_ROWS = 100  # rows format detection looks at
+
+
+def check_file(path: Path) -> None:
+    """A DataError unless `path` is a readable file (a missing path and a folder differ)."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; expected a data file")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _lines(path: Path) -> list[tuple[int, str | bytes]]:
+    """(0-based line, text) of every non-blank line; a line that is not UTF-8 stays bytes
+    (parse_row skips it). A .gz that ends early is an error naming the last whole line."""
+    out: list[tuple[int, str | bytes]] = []
+    i = -1
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            for i, raw in enumerate(f):
+                if i == 0 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                try:
+                    line: str | bytes = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    line = raw
+                if line.strip():
+                    out.append((i, line))
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(
+            f"{path}: truncated or corrupt gzip data after line {i + 1} (the last complete "
+            f"one; {e}); re-download or re-compress it"
+        ) from None
+    return out
+
+
+def _json_text(path: Path) -> str:
+    """The whole (maybe gzipped) .json file as text; errors name the file and position."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip data ({e})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: byte {e.start} is not UTF-8 ({e.reason})") from None
 
 
 def read_records(path: Path) -> tuple[list[tuple[int, Any]], str]:
@@ -66,18 +120,15 @@ def read_records(path: Path) -> tuple[list[tuple[int, Any]], str]:
     A .jsonl value is the line's text (parsed later, so a malformed line is one skipped row and
     parsing can run in worker processes); blank lines are not rows.
     """
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    check_file(path)
     kind = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
     if kind == ".jsonl":
-        with _open(path) as f:
-            return [(i, line) for i, line in enumerate(f) if line.strip()], "line"
+        return _lines(path), "line"
     if kind == ".json":
-        with _open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        try:
+            data = json.loads(_json_text(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
         return list(enumerate(data)), "row"
@@ -96,6 +147,11 @@ def read_records(path: Path) -> tuple[list[tuple[int, Any]], str]:
 
 def parse_row(value: Any) -> dict[str, Any]:
     """The row object of a record (a .jsonl line is parsed here)."""
+    if isinstance(value, bytes):
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Skip("invalid_utf8", f"byte {e.start} of the line is not UTF-8") from None
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -107,14 +163,18 @@ def parse_row(value: Any) -> dict[str, Any]:
 
 
 def detect_format(rows: Iterable[dict[str, Any]], fields: Fields) -> str:
-    """Format of the first row that has the chosen field: a list is "messages", a string with a
-    prompt field "flat", a string without one "hh"."""
+    """The format most of the first DETECT_ROWS rows that have the chosen field look like: a
+    list is "messages", a string with a prompt field "flat", a string without one "hh"."""
+    votes: Counter[str] = Counter()
     for row in rows:
         if fields.chosen in row:
             if isinstance(row[fields.chosen], list):
-                return "messages"
-            return "flat" if fields.prompt in row else "hh"
-    return "flat"
+                votes["messages"] += 1
+            else:
+                votes["flat" if fields.prompt in row else "hh"] += 1
+            if votes.total() == DETECT_ROWS:
+                break
+    return votes.most_common(1)[0][0] if votes else "flat"
 
 
 def _field(row: dict[str, Any], name: str) -> Any:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,16 +24,21 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
-from simpo.dist import Dist, all_reduce, build_model, print0
+from simpo.fsdp import build_model
+from simpo.packing import PackedBatch
 from simpo.scoring import score_pairs
+from simpo.world import World, all_reduce, print0, to_device
 
 if TYPE_CHECKING:
     from simpo.config import Config
     from simpo.data import TokenizedPair
 
 MIN = dist.ReduceOp.MIN
+REFERENCE_MODES = ("precompute", "live")  # loss.reference
+# (micro-batch on the device) -> the reference policy's (sum, count), each (2P,) on the device
+ReferenceFn = Callable[[PackedBatch], tuple[Tensor, Tensor]]
 
 
 @dataclass
@@ -47,15 +52,17 @@ class ReferenceTable:
     def __post_init__(self) -> None:
         self._row = {int(i): r for r, i in enumerate(self.index.tolist())}
 
-    def lookup(self, pair_index: Tensor) -> tuple[Tensor, Tensor]:
-        """(ref_sum, ref_count), each (2P,) interleaved chosen/rejected, for pairs (P,)."""
+    def lookup(
+        self, pair_index: Tensor, device: torch.device | str = "cpu"
+    ) -> tuple[Tensor, Tensor]:
+        """(ref_sum, ref_count) on `device`, each (2P,) fp32 interleaved chosen/rejected, for
+        pairs (P,) given on the host (a table lookup never waits for the device)."""
         try:
             rows = torch.tensor([self._row[int(i)] for i in pair_index.tolist()], dtype=torch.long)
         except KeyError as e:
             raise KeyError(f"pair {e} is not in the reference cache (stale cache file?)") from None
-        device = pair_index.device
-        sums = self.sums[rows].reshape(-1).to(device, torch.float32)
-        return sums, self.counts[rows].reshape(-1).to(device, torch.float32)
+        sums = self.sums[rows].reshape(-1).float()  # (2P,)
+        return to_device(sums, device), to_device(self.counts[rows].reshape(-1).float(), device)
 
 
 def reference_key(pairs: Sequence[TokenizedPair], model_dir: Path, cfg: Config) -> str:
@@ -84,7 +91,7 @@ def precompute_reference(
     model_dir: Path,
     splits: dict[str, Sequence[TokenizedPair]],
     cfg: Config,
-    d: Dist,
+    world: World,
     cache_dir: Path,
 ) -> dict[str, ReferenceTable]:
     """One ReferenceTable per split (e.g. train, eval), read from cache or computed now.
@@ -98,7 +105,7 @@ def precompute_reference(
         path = cache_dir / f"reference-{split}-{key[:16]}.safetensors"
         table = _load(path, key) if path.is_file() else None
         # every rank must take the same branch (the scoring pass is collective)
-        everywhere = all_reduce(torch.tensor(float(table is not None), device=d.device), MIN)
+        everywhere = all_reduce(torch.tensor(float(table is not None), device=world.device), MIN)
         if everywhere.item():
             print0(f"reference: {split} log-probs read from {path}")
             tables[split] = table
@@ -107,16 +114,16 @@ def precompute_reference(
     if not todo:
         return tables
     model = build_model(
-        model_dir, d, cfg.train.precision, attention=cfg.model.attention, trainable=False
+        model_dir, world, cfg.train.precision, attention=cfg.model.attention, trainable=False
     )
     model.logits_chunk_bytes = cfg.model.logits_chunk_mib * 2**20
     for split, (key, path) in todo.items():
         t0 = time.perf_counter()
         index, sums, counts = score_pairs(
-            model, splits[split], cfg.data.max_tokens, cfg.data.packing, d
+            model, splits[split], cfg.data.max_tokens, cfg.data.packing, world
         )
         tables[split] = ReferenceTable(index, sums, counts)
-        if d.is_main:
+        if world.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tensors = {"index": index, "sums": sums, "counts": counts}
@@ -128,3 +135,18 @@ def precompute_reference(
     if dist.is_initialized():
         dist.barrier()
     return tables
+
+
+def reference_for(table: ReferenceTable | None, model: nn.Module | None) -> ReferenceFn | None:
+    """The training step's reference: a live frozen model (scored without gradients, through
+    the same fused log-prob kernel), else the precomputed table, else None (no reference)."""
+    if model is not None:
+
+        @torch.no_grad()
+        def live(mb: PackedBatch) -> tuple[Tensor, Tensor]:
+            return model(mb.input_ids, mb.layout, mb.score)
+
+        return live
+    if table is not None:
+        return lambda mb: table.lookup(mb.pair_index, mb.input_ids.device)
+    return None

@@ -1,23 +1,62 @@
-"""Small, dependency-free reporting: SVG line charts, markdown tables, metrics.jsonl reading.
+"""A report for any training run: SVG charts over steps and a report.md with the final numbers.
 
-The charts are plain SVG text written with the standard library, so `make demo` needs no
-plotting package and its report.md renders anywhere markdown shows images.
+    python -m simpo.report runs/simpo [runs/dpo ...] --out report/     # simpo-report, installed
+
+Reads what train.py leaves in its output_dir: metrics.jsonl (required), config.toml, and
+eval.py's outputs when they were written under `<run>/eval/` (`eval.py --out <run>/eval/NAME`).
+Draws loss, reward margins, reward accuracies, chosen/rejected log-probs, learning rate,
+gradient norm, tokens/s and MFU over steps (held-out values dashed), several runs overlaid,
+each smoothed (EMA, as TensorBoard) with the measured values faint behind; a chart is left out
+when no run has its metric (MFU off CUDA). With eval.py results: the length diagnostics
+(accuracy on chosen-longer vs rejected-longer pairs, corr(reward, length)). Standard library
+only (simpo.svg draws), so it runs anywhere the runs are. The demo's report uses this code.
+A metrics.jsonl line that is not JSON is an error naming file and line, except an incomplete
+last line (a run killed while writing it), which is left out with a warning.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
+import statistics
+import sys
+import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
-Series = dict[str, list[tuple[float, float]]]  # name -> [(x, y), ...]
+from simpo.svg import PALETTE, Series, bar_chart, line_chart
 
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
-COLORS = {"SFT": "#7f7f7f", "SimPO": "#1f77b4", "DPO": "#ff7f0e"}  # the demo's models
-FONT = 'font-family="Helvetica, Arial, sans-serif"'
+# file stem, title, [(metric, label, dashed)]; eval/ metrics (sparse) are drawn unsmoothed
+CHARTS: tuple[tuple[str, str, tuple[tuple[str, str, bool], ...]], ...] = (
+    ("loss", "loss", (("loss", "train", False), ("eval/loss", "held-out", True))),
+    ("margins", "reward margin (chosen - rejected)",
+     (("rewards/margins", "train", False), ("eval/rewards/margins", "held-out", True))),
+    ("accuracies", "reward accuracy (chosen > rejected)",
+     (("rewards/accuracies", "train", False), ("eval/rewards/accuracies", "held-out", True))),
+    ("logps", "log-prob of chosen (solid) and rejected (dashed)",
+     (("logps/chosen", "chosen", False), ("logps/rejected", "rejected", True))),
+    ("lr", "learning rate", (("lr", "", False),)),
+    ("grad_norm", "gradient norm (before clipping)", (("grad_norm", "", False),)),
+    ("tokens_per_s", "throughput (real tokens / s, all ranks)", (("tokens_per_s", "", False),)),
+    ("mfu", "model FLOPs utilisation", (("mfu", "", False),)),
+)  # fmt: skip
+UNSMOOTHED = {"lr"}  # a schedule, not a measurement
+
+
+class ReportError(ValueError):
+    """A run directory without what the report needs; the message names the path."""
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    records: list[dict[str, Any]]  # metrics.jsonl
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)  # config.toml, if any
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.py metrics by name
+    offset: int = 0  # added to every step: a run that continues another (the demo's SimPO)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -27,105 +66,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def curve(
-    records: Sequence[dict[str, Any]], key: str, x: str = "step"
+    records: Sequence[dict[str, Any]], key: str, x: str = "step", offset: float = 0
 ) -> list[tuple[float, float]]:
-    """(x, y) points of `key` over `x`, from records that have both."""
-    return [(float(r[x]), float(r[key])) for r in records if key in r and x in r]
-
-
-def ema(values: Sequence[float], weight: float) -> list[float]:
-    """Exponential moving average (TensorBoard's smoothing), debiased at the start."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight**i) if weight else avg)
-    return out
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About `n` round tick values (steps of 1, 2 or 5 times a power of ten) covering [lo, hi]."""
-    raw = (hi - lo) / max(n - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step) * step
-    return [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
-
-
-def _label(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0e}"
-
-
-def line_chart(
-    series: Series,
-    title: str,
-    xlabel: str = "step",
-    ylabel: str = "",
-    smooth: float = 0.0,
-    colors: dict[str, str] | None = None,
-    width: int = 480,
-    height: int = 300,
-) -> str:
-    """An SVG line chart of one or more series, with axes, grid, ticks and a legend.
-
-    With `smooth` > 0 each series is drawn faintly as measured and boldly as its EMA. `colors`
-    maps series names to colours (default: a fixed palette in series order).
-    """
-    points = [p for pts in series.values() for p in pts]
-    if not points:
-        raise ValueError(f"chart {title!r}: no data points")
-    left, right, top, bottom = 56, 16, 34, 44
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    xt = _ticks(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1, n=6)
-    lo, hi = min(ys), max(ys)
-    pad = (hi - lo) * 0.05 or abs(hi) * 0.1 or 1.0
-    yt = _ticks(lo - pad, hi + pad)
-    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (width - left - right)
-
-    def sy(y: float) -> float:
-        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-
-    def polyline(pts: list[tuple[float, float]], color: str, extra: str) -> str:
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        return f'<polyline points="{coords}" fill="none" stroke="{color}" {extra}/>'
-
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" {FONT} font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="13" '
-        f'font-weight="bold">{escape(title)}</text>',
-    ]
-    for x in xt:
-        out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(y0):.1f}" '
-                   f'y2="{sy(y1):.1f}" stroke="#eee"/>')  # fmt: skip
-        out.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 15}" '
-                   f'text-anchor="middle">{_label(x)}</text>')  # fmt: skip
-    for y in yt:
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
-                   f'stroke="#eee"/>')  # fmt: skip
-        out.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_label(y)}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" '
-               f'height="{height - top - bottom}" fill="none" stroke="#888"/>')  # fmt: skip
-    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" '
-               f'text-anchor="middle">{escape(xlabel)}</text>')  # fmt: skip
-    if ylabel:
-        out.append(f'<text transform="translate(14 {(top + height - bottom) / 2}) rotate(-90)" '
-                   f'text-anchor="middle">{escape(ylabel)}</text>')  # fmt: skip
-    for i, (name, pts) in enumerate(series.items()):
-        color = (colors or {}).get(name, PALETTE[i % len(PALETTE)])
-        if smooth > 0:
-            out.append(polyline(pts, color, 'stroke-width="1" stroke-opacity="0.3"'))
-            pts = list(zip([x for x, _ in pts], ema([y for _, y in pts], smooth), strict=True))
-        out.append(polyline(pts, color, 'stroke-width="2"'))
-        ly = top + 14 + 15 * i
-        out.append(f'<line x1="{left + 10}" x2="{left + 28}" y1="{ly - 4}" y2="{ly - 4}" '
-                   f'stroke="{color}" stroke-width="2"/>')  # fmt: skip
-        out.append(f'<text x="{left + 33}" y="{ly}">{escape(name)}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    """(x + offset, y) points of `key` over `x`, from records that have both."""
+    return [(float(r[x]) + offset, float(r[key])) for r in records if key in r and x in r]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -140,132 +84,198 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def load_run(path: str | Path, name: str | None = None, offset: int = 0) -> Run:
+    """A train.py output_dir: metrics.jsonl, config.toml and eval.py outputs under eval/."""
+    path = Path(path)
+    if not (path / "metrics.jsonl").is_file():
+        raise ReportError(f"{path}: no metrics.jsonl (expected a train.py train.output_dir)")
+    file = path / "metrics.jsonl"
+    lines = file.read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # a run killed while writing its last line: drop that line
+                print(f"warning: {file}:{n}: incomplete last line left out", file=sys.stderr)
+                break
+            raise ReportError(f"{file}:{n}: not JSON ({e.msg})") from None
+    config = {}
+    if (path / "config.toml").is_file():
+        config = tomllib.loads((path / "config.toml").read_text())
+    evals = {}
+    for file in sorted(path.glob("eval/**/metrics.json")):
+        metrics = json.loads(file.read_text())
+        if "accuracy" in metrics:  # a preference evaluation (not generation only)
+            evals[file.parent.relative_to(path).as_posix()] = metrics
+    return Run(name or path.resolve().name, path, records, config, evals, offset)
 
 
-def write_demo_report(results: dict[str, Any], out: Path) -> Path:
-    """`<out>/report.md` and its SVG charts, from simpo.demo's results."""
-    plan, m, wall = results["plan"], results["metrics"], results["wall_s"]
-    names = list(m)
-    # SimPO and DPO continue from the SFT checkpoint: draw them after its steps
-    start = {"SFT": 0, "SimPO": plan["sft_steps"], "DPO": plan["sft_steps"]}
-    runs = {name: read_jsonl(out / run / "metrics.jsonl") for name, run in results["runs"].items()}
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
 
-    def series(key: str, names: Sequence[str] = names) -> Series:
-        return {n: [(x + start[n], y) for x, y in curve(runs[n], key)] for n in names}
 
-    xlabel = "step (SimPO and DPO start from the SFT checkpoint)"
-    accuracy = series("eval/rewards/accuracies")
-    if accuracy["SFT"]:  # SFT's reward is avg log-prob, SimPO's up to β: SimPO starts there
-        accuracy["SimPO"].insert(0, accuracy["SFT"][-1])
-    charts = {
-        "loss.svg": line_chart(series("loss"), "training loss", xlabel, smooth=0.6, colors=COLORS),
-        "heldout_accuracy.svg": line_chart(
-            accuracy,
-            "held-out accuracy, each under its own reward",
-            xlabel,
-            "accuracy",
-            colors=COLORS,
-        ),  # fmt: skip
-        "margins.svg": line_chart(
-            series("rewards/margins", ["SimPO", "DPO"]),
-            "reward margin (training batches)",
-            xlabel,
-            "chosen - rejected",
-            smooth=0.6,
-            colors=COLORS,
-        ),  # fmt: skip
-    }
-    for file, svg in charts.items():
-        (out / file).write_text(svg)
+def write_charts(
+    runs: Sequence[Run],
+    out: Path,
+    smooth: float = 0.6,
+    colors: dict[str, str] | None = None,
+    xlabel: str = "step",
+) -> list[tuple[str, str]]:
+    """The standard charts that have data, as `<out>/<stem>.svg`; [(file, title)]."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, title, metrics in CHARTS:
+        series: Series = {}
+        color: dict[str, str] = {}
+        dashed, raw = set(), set()
+        for i, run in enumerate(runs):
+            for key, label, is_dashed in metrics:
+                who = run.name if len(runs) > 1 else ""
+                what = label if len(metrics) > 1 else ""
+                name = " · ".join(p for p in (who, what) if p) or key
+                series[name] = curve(run.records, key, offset=run.offset)
+                color[name] = (colors or {}).get(run.name) or PALETTE[i % len(PALETTE)]
+                if is_dashed:
+                    dashed.add(name)
+                if key.startswith("eval/") or key in UNSMOOTHED:  # sparse, or a schedule
+                    raw.add(name)
+        if any(series.values()):  # line_chart leaves the empty series out
+            svg = line_chart(
+                series, title, xlabel, smooth=smooth, colors=color, dashed=dashed, raw=raw
+            )
+            (out / f"{stem}.svg").write_text(svg)
+            written.append((f"{stem}.svg", title))
+    return written
 
-    def correct(name: str) -> float:
-        a = results["answers"][name]
-        return sum(x["correct"] for x in a) / max(len(a), 1)
 
-    overview = markdown_table(
-        ["model", "accuracy", "chosen longer", "rejected longer", "corr(reward, length)",
-         "answers correct", "answer length (tokens)"],
-        [[n, _pct(m[n]["accuracy"]), _pct(m[n]["accuracy_chosen_longer"]),
-          _pct(m[n]["accuracy_rejected_longer"]), f"{m[n]['length_corr']:+.2f}",
-          _pct(correct(n)), f"{m[n]['gen_mean_tokens']:.1f}"] for n in names],
-    )  # fmt: skip
-    dpo_view = markdown_table(
-        ["model", "accuracy (DPO reward)", "chosen longer", "rejected longer",
-         "corr(reward, length)"],
-        [[n, _pct(m[n]["dpo_accuracy"]), _pct(m[n]["dpo_accuracy_chosen_longer"]),
-          _pct(m[n]["dpo_accuracy_rejected_longer"]), f"{m[n]['dpo_length_corr']:+.2f}"]
-         for n in names if "dpo_accuracy" in m[n]],
-    )  # fmt: skip
-    tasks = list(results["by_task"][names[0]])
-    by_task = markdown_table(
-        ["task", *names], [[t, *(_pct(results["by_task"][n][t]) for n in names)] for t in tasks]
-    )
-    examples = []
-    for i, first in enumerate(results["answers"][names[0]][:8]):
-        examples.append(f"**{first['prompt']}**\n")
-        for n in names:
-            a = results["answers"][n][i]
-            mark = "✅" if a["correct"] else "❌"
-            examples.append(f"- {n}: {mark} {a['output'] or '(empty)'}")
-        examples.append("")
-    gain = m["SimPO"]["accuracy"] - m["SFT"]["accuracy"]
-    intro = (
-        f"A tiny Llama ({plan['dim']}-dim, {plan['layers']} layers, {plan['vocab']}-piece BPE "
-        f"tokenizer), built from nothing, learns a synthetic preference task: "
-        f"{plan['train_pairs']} pairs of small questions ({', '.join(tasks)}) whose chosen "
-        "answer is right and rejected answer subtly wrong. Either answer may be padded with "
-        "chain-of-thought filler, the chosen one more often (as in real preference data), so a "
-        "method that rewards length is tempted.\n\n"
-        f"SFT on the chosen answers ({plan['sft_steps']} steps, lr {plan['sft_lr']:g}), then "
-        f"SimPO (β={plan['simpo_beta']}, γ/β={plan['gamma_beta_ratio']}) and DPO "
-        f"(β={plan['dpo_beta']}) from the same SFT checkpoint, {plan['steps']} steps each at "
-        f"lr {plan['lr']:g}, {plan['batch_size']} pairs a step."
-    )
-    if plan["sft_weight"]:
-        intro += (
-            f" Both with `loss.sft_weight={plan['sft_weight']}`, the NLL of the chosen answer "
-            "(the official SimPO trainer's `sft_weight`): at a learning rate 1000x the 7B "
-            "recipes', a tiny model trained without it still gains preference accuracy, but "
-            "its greedy answers degenerate into repeated fragments."
+def final_table(runs: Sequence[Run]) -> str:
+    """One row per run: steps, pairs seen, last logged training metrics, last held-out
+    accuracy, and the median throughput, MFU and peak memory of the run."""
+    rows = []
+    for run in runs:
+        last = run.records[-1] if run.records else {}
+        held_out = [r for r in run.records if "eval/rewards/accuracies" in r]
+        batch = run.config.get("train", {}).get("batch_size")
+
+        def median(key: str) -> float | None:
+            values = [r[key] for r in run.records if key in r]
+            return statistics.median(values) if values else None
+
+        steps = last.get("step")
+        mfu = median("mfu")
+        rows.append([
+            run.name, run.config.get("loss", {}).get("name", "-"), steps if steps else "-",
+            steps * batch if steps and batch else "-",
+            _fmt(last.get("loss")), _fmt(last.get("rewards/margins")),
+            _fmt(last.get("rewards/accuracies")),
+            _fmt(held_out[-1]["eval/rewards/accuracies"] if held_out else None),
+            _fmt(last.get("logps/chosen")), _fmt(last.get("logps/rejected")),
+            _fmt(median("tokens_per_s"), ".0f"), "-" if mfu is None else f"{100 * mfu:.1f}%",
+            _fmt(median("peak_mem_gb"), ".1f"),
+        ])  # fmt: skip
+    header = ["run", "loss", "steps", "pairs seen", "final loss", "margin", "accuracy",
+              "held-out accuracy", "logp chosen", "logp rejected", "tokens/s (median)",
+              "MFU (median)", "peak mem GiB"]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+LENGTH_COLUMNS = (
+    ("pairs", "num_pairs", "d"), ("accuracy", "accuracy", ".3f"),
+    ("chosen longer", "accuracy_chosen_longer", ".3f"),
+    ("rejected longer", "accuracy_rejected_longer", ".3f"),
+    ("corr(reward, length)", "length_corr", "+.2f"), ("margin", "margin", ".3f"),
+    ("length chosen", "length_chosen", ".1f"), ("length rejected", "length_rejected", ".1f"),
+    ("generated length", "gen_mean_tokens", ".1f"),
+)  # fmt: skip
+
+
+def eval_section(runs: Sequence[Run], out: Path) -> str:
+    """eval.py's length diagnostics of every run that has them: a table and a bar chart of
+    accuracy on the pairs whose chosen / rejected response is longer ('' when none)."""
+    rows, groups = [], {}
+    for run in runs:
+        for label, m in run.evals.items():
+            who = f"{run.name} ({label})" if len(run.evals) > 1 else run.name
+            rows.append([who, *(_fmt(m.get(key), spec) for _, key, spec in LENGTH_COLUMNS)])
+            bars = {"chosen longer": m.get("accuracy_chosen_longer")}
+            bars["rejected longer"] = m.get("accuracy_rejected_longer")
+            groups[who] = {k: v for k, v in bars.items() if v is not None}
+    if not rows:
+        return ""
+    title = "accuracy by which response is longer"
+    if any(groups.values()):
+        (out / "length_accuracy.svg").write_text(
+            bar_chart(groups, title, "accuracy", include=(0, 1))
         )
-    text = f"""# SimPO demo
+    header = ["run", *(label for label, _, _ in LENGTH_COLUMNS)]
+    return (
+        "## Held-out evaluation (eval.py, SimPO reward β·avg log π)\n\n"
+        + markdown_table(header, rows)
+        + "\nA length-exploiting reward wins the chosen-longer pairs and loses the "
+        "rejected-longer ones; a corr(reward, length) far from 0 says the same.\n\n"
+        + (f"![{title}](length_accuracy.svg)\n" if any(groups.values()) else "")
+    )
 
-{intro} Seed {results["seed"]}; wall time {wall["total"]:.0f} s.
 
-**SimPO moves held-out preference accuracy from {_pct(m["SFT"]["accuracy"])} (SFT) to
-{_pct(m["SimPO"]["accuracy"])} ({100 * gain:+.1f} points).**
+def write_report(runs: Sequence[Run], out: Path, smooth: float = 0.6, title: str = "") -> Path:
+    """`<out>/report.md` with the charts, the final numbers and eval.py's diagnostics."""
+    if not runs:
+        raise ReportError("no runs to report")
+    charts = write_charts(runs, out, smooth)
 
-## Held-out pairs ({plan["eval_pairs"]}), under SimPO's reward β·avg log π(y|x)
+    def setting(run: Run, section: str, key: str) -> str:
+        value = run.config.get(section, {}).get(key)
+        return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
-{overview}
-*accuracy*: chosen reward > rejected reward; *chosen / rejected longer*: accuracy on the
-pairs where that response has more tokens (a length-exploiting reward wins the first and loses
-the second); *answers correct*: greedy answers to {len(results["answers"][names[0]])} held-out
-questions whose final answer is right; *answer length*: their mean length in tokens.
-
-Under DPO's reward β·(log π − log π_SFT), relative to the SFT checkpoint:
-
-{dpo_view}
-## Accuracy by task
-
-{by_task}
-## Answers before (SFT) and after (SimPO, DPO), greedy
-
-{chr(10).join(examples)}
-## Training curves
-
-![training loss](loss.svg)
-![held-out accuracy](heldout_accuracy.svg)
-![reward margins](margins.svg)
-
-## Wall time
-
-{markdown_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in wall.items()])}
-Reproduce: `python -m simpo.demo --out {out} --seed {results["seed"]}`; the runs are in
-`sft/`, `simpo/`, `dpo/` (metrics.jsonl, config.toml, final/), the evaluations in `eval/`.
-"""
+    setup = [
+        [r.name, str(r.path), setting(r, "loss", "name"), setting(r, "loss", "beta"),
+         setting(r, "train", "lr"), setting(r, "train", "batch_size"),
+         setting(r, "model", "path") or "(tiny random)"]
+        for r in runs
+    ]  # fmt: skip
+    text = [
+        f"# {title or 'Training report: ' + ', '.join(r.name for r in runs)}\n",
+        markdown_table(["run", "dir", "loss", "β", "lr", "batch", "model"], setup),
+        "## Final numbers\n",
+        "Training metrics at the last logged step; held-out accuracy at the last evaluation; "
+        "throughput, MFU and memory are medians over the run.\n",
+        final_table(runs),
+        "## Curves\n",
+        f"Smoothed (EMA {smooth}) with the measured values faint behind; held-out dashed.\n",
+        "\n".join(f"![{t}]({f})" for f, t in charts) + "\n",
+        eval_section(runs, out),
+    ]
     path = out / "report.md"
-    path.write_text(text)
+    path.write_text("\n".join(part for part in text if part))
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m simpo.report", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py output directories")
+    p.add_argument("--out", required=True, help="where report.md and the charts go")
+    p.add_argument("--names", help="comma-separated run names (default: the directory names)")
+    p.add_argument("--smooth", type=float, default=0.6, help="EMA weight in [0, 1); 0 = raw")
+    p.add_argument("--title", default="", help="report title")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    names = args.names.split(",") if args.names else [None] * len(args.runs)
+    try:
+        if len(names) != len(args.runs):
+            raise ReportError(f"--names has {len(names)} names for {len(args.runs)} runs")
+        if not 0 <= args.smooth < 1:
+            raise ReportError(f"--smooth {args.smooth}: expected 0 <= x < 1")
+        runs = [load_run(path, name) for path, name in zip(args.runs, names, strict=True)]
+        if len({r.name for r in runs}) < len(runs):
+            raise ReportError("two runs have the same name: give --names")
+        path = write_report(runs, Path(args.out), args.smooth, args.title)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

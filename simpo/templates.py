@@ -1,242 +1,300 @@
-"""Chat templates, hand-written: llama3, gemma, mistral, chatml, qwen2, zephyr.
+"""Chat templates: Jinja sources rendered exactly as transformers renders them.
 
-A template renders a conversation as a list of segments: plain `str` is text, `Special` is one
-special token, encoded by id and never by tokenising its text (SentencePiece does not parse
-control pieces out of text, and text inside a message must never become a turn marker).
-`"".join(segments)` is the string the official Jinja template renders.
-
-A pair is rendered as prompt turns, then the assistant turn of each response. The assistant turn
-is exactly what the official template writes for a final assistant message (header + content +
-turn end), plus EOS when the turn ends in text: this is what the official SimPO trainer trains on
-(it renders the response as a one-message conversation and appends EOS unless already last), e.g.
-gemma `<end_of_turn>\\n<eos>`, zephyr `</s>\\n</s>`. Mask conventions: "official" puts the
-assistant header in the response (it counts in |y|); "trl" puts it at the end of the prompt.
+A template is a Jinja source: the checkpoint's own (`chat_template` in tokenizer_config.json,
+chat_template.jinja or chat_template.json), a file or string given as `data.chat_template`
+(e.g. the official SimPO run's Mistral override, configs/templates/mistral-simpo.jinja), or one
+of the named sources below, copied verbatim from each model family's tokenizer_config.json (the
+fallback for checkpoints that ship none). `render` runs it in transformers' sandbox:
+`ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`, `raise_exception`,
+`strftime_now`, transformers' `tojson`, the `{% generation %}` block and loop controls, with the
+tokenizer's special-token strings (`bos_token`, `eos_token`, ...) as variables. Whether a BOS
+appears is the template's business: it is never added here. How rendered text becomes prompt
+and response ids is simpo/conventions.py.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from simpo.tokenizer import Tokenizer
 
-MASKS = ("official", "trl")
-# what train_sentencepiece writes into tokenizer_config.json, so HF renders the same prompts
-CHATML_JINJA = (
+_JINJA_HINT = "pip install 'jinja2>=3.1' (a core dependency of simpo: pip install -e .)"
+
+# The named templates (data.template), verbatim from each model's tokenizer_config.json.
+LLAMA3 = (  # meta-llama/Meta-Llama-3-8B-Instruct
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | "
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>"
+    "assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+GEMMA = (  # princeton-nlp/SimPO training_configs/gemma-2-9b-it-simpo.yaml: gemma-2-9b-it's own
+    # template raises on a system message; this one folds it into the first user turn
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]"
+    "['content'] | trim + '\\n\\n' %}{% set messages = messages[1:] %}{% else %}{% set "
+    "system_message = '' %}{% endif %}{% for message in messages %}{% if loop.index0 == 0 %}"
+    "{% set content = system_message + message['content'] %}{% else %}{% set content = "
+    "message['content'] %}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = "
+    "'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role "
+    "+ '\\n' + content | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+MISTRAL = (  # mistralai/Mistral-7B-Instruct-v0.2
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]"
+    "['content'] %}\n    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set "
+    "loop_messages = messages %}\n{%- endif %}\n\n{{- bos_token }}\n{%- for message in "
+    "loop_messages %}\n    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('After the optional system message, conversation roles must "
+    "alternate user/assistant/user/assistant/...') }}\n    {%- endif %}\n    {%- if "
+    "message['role'] == 'user' %}\n        {%- if loop.first and system_message is defined %}\n"
+    "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "\n        {%- else %}\n            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
+    "        {%- endif %}\n    {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + "
+    "message['content'] + eos_token}}\n    {%- else %}\n        {{- raise_exception('Only user "
+    "and assistant roles are supported, with the exception of an initial optional system "
+    "message!') }}\n    {%- endif %}\n{%- endfor %}\n"
+)
+CHATML = (  # teknium/OpenHermes-2.5-Mistral-7B
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-# Qwen2's template inserts this system turn when the conversation has none (Qwen2.5's differs)
-QWEN2_SYSTEM = "You are a helpful assistant."
-
-
-class Special(str):
-    """A special token in a rendered conversation (its text is the token's piece)."""
-
-
-class TemplateError(ValueError):
-    """A conversation the template cannot render (bad roles), or an unknown template."""
-
-
-Segments = list[str]  # str and Special items
-# (role, content, eos) -> (header, body) of one turn
-Turn = Callable[[str, str, str], tuple[Segments, Segments]]
-
-
-def _llama3(role: str, content: str, eos: str) -> tuple[Segments, Segments]:
-    head = [Special("<|start_header_id|>"), role, Special("<|end_header_id|>"), "\n\n"]
-    return head, [content, Special("<|eot_id|>")]
-
-
-def _gemma(role: str, content: str, eos: str) -> tuple[Segments, Segments]:
-    head = [Special("<start_of_turn>"), ("model" if role == "assistant" else role) + "\n"]
-    return head, [content, Special("<end_of_turn>"), "\n"]
-
-
-def _mistral(role: str, content: str, eos: str) -> tuple[Segments, Segments]:
-    if role == "user":
-        return [" [INST] "], [content, " [/INST]"]
-    return [], [" " + content, Special(eos)]  # the space is SentencePiece's "▁" of the reply
-
-
-def _chatml(role: str, content: str, eos: str) -> tuple[Segments, Segments]:
-    return [Special("<|im_start|>"), role + "\n"], [content, Special("<|im_end|>"), "\n"]
-
-
-def _zephyr(role: str, content: str, eos: str) -> tuple[Segments, Segments]:
-    return [f"<|{role}|>\n"], [content, Special(eos), "\n"]
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    name: str
-    turn: Turn
-    end_of_turn: str | None  # the token that ends an assistant turn; None: the tokenizer's EOS
-    strip: bool = False  # the official template trims each message (Jinja `| trim`)
-    fold_system: bool = False  # no system role: "system\n\n" opens the first user message
-    default_system: str | None = None  # system turn used when the conversation has none
-
-
-TEMPLATES = {
-    t.name: t
-    for t in (
-        ChatTemplate("llama3", _llama3, "<|eot_id|>", strip=True),
-        # Gemma's own template raises on a system message; like the official SimPO Gemma-2 run
-        # (and Mistral's template) we fold it into the first user message instead.
-        ChatTemplate("gemma", _gemma, "<end_of_turn>", strip=True, fold_system=True),
-        ChatTemplate("mistral", _mistral, None, fold_system=True),
-        ChatTemplate("chatml", _chatml, "<|im_end|>"),
-        ChatTemplate("qwen2", _chatml, "<|im_end|>", default_system=QWEN2_SYSTEM),
-        ChatTemplate("zephyr", _zephyr, None),
-    )
-}
-
-
-def _markers(template: ChatTemplate) -> set[str]:
-    """The special tokens a template needs from the tokenizer (besides EOS)."""
-    turns = [template.turn(role, "", "") for role in ("system", "user", "assistant")]
-    return {s for head, body in turns for s in head + body if isinstance(s, Special) and s}
-
-
-TURN_MARKERS = tuple(sorted(set().union(*map(_markers, TEMPLATES.values()))))
-_SOURCE_MARKERS = (  # substring of the checkpoint's Jinja template -> our template
-    ("<|start_header_id|>", "llama3"),
-    ("<start_of_turn>", "gemma"),
-    ("<|im_start|>", "chatml"),
-    ("<|assistant|>", "zephyr"),
-    ("[INST]", "mistral"),
+QWEN2 = (  # Qwen/Qwen2-7B-Instruct: a default system message
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+    "'<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>'"
+    " + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-_MODEL_TYPES = {
+ZEPHYR = (  # HuggingFaceH4/zephyr-7b-beta (alignment-handbook's DEFAULT_CHAT_TEMPLATE)
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + "
+    "message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>"
+    "\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ "
+    "'<|assistant|>\\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and "
+    "add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+TEMPLATES = {
+    "llama3": LLAMA3,
+    "gemma": GEMMA,
+    "mistral": MISTRAL,
+    "chatml": CHATML,
+    "qwen2": QWEN2,
+    "zephyr": ZEPHYR,
+}
+# what train_sentencepiece writes for the tiny model: chatml that starts with BOS
+CHATML_BOS_JINJA = "{{ bos_token }}" + CHATML
+# control pieces of the tiny SentencePiece model: the turn markers of the named templates
+TURN_MARKERS = (
+    "<end_of_turn>",
+    "<start_of_turn>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|im_start|>",
+    "<|start_header_id|>",
+)
+# tokens that end an assistant turn: a generation stop when the template writes one
+END_OF_TURN_MARKERS = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>")
+_MODEL_TYPES = {  # config.json model_type -> named template, for checkpoints without a template
     "llama": "llama3",
     "gemma": "gemma",
     "gemma2": "gemma",
     "mistral": "mistral",
     "qwen2": "qwen2",
 }
+_NEEDS = {"llama3": "<|start_header_id|>", "gemma": "<start_of_turn>", "qwen2": "<|im_start|>"}
 
 
-def detect_template(
-    source: str | None, model_type: str | None, has_token: Callable[[str], bool]
-) -> str | None:
-    """Name of the template matching a checkpoint's Jinja `source`, else its `model_type`."""
-    if source:
-        if "<<SYS>>" in source:  # Llama-2-chat: a different [INST] dialect
-            return None
-        for marker, name in _SOURCE_MARKERS:
-            if marker in source:
-                qwen2 = name == "chatml" and f"system\\n{QWEN2_SYSTEM}" in source
-                return "qwen2" if qwen2 else name
-        return None
-    name = _MODEL_TYPES.get(model_type or "")
-    if name is not None and all(map(has_token, _markers(TEMPLATES[name]))):
-        return name
-    return None
+class TemplateError(ValueError):
+    """A conversation the template refuses (raise_exception), or an unknown / bad template."""
 
 
-def end_of_turn(name: str) -> str | None:
-    """The special token that ends an assistant turn of template `name` (None: EOS)."""
-    return TEMPLATES[name].end_of_turn
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str  # "llama3", ..., "own" (the checkpoint's), or the data.chat_template file name
+    source: str  # Jinja
 
 
-def get_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
-    """Template `name`, or the tokenizer's own for "auto"."""
-    if name == "auto":
-        if tokenizer.chat_template is None:
-            raise TemplateError(
-                f"cannot detect the chat template of {tokenizer.path}; set data.template to one of "
-                f"{sorted(TEMPLATES)}"
-            )
-        name = tokenizer.chat_template
-    if name not in TEMPLATES:
-        raise TemplateError(f"unknown chat template {name!r}; expected one of {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
+def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:  # fmt: skip
+    """transformers' tojson: json.dumps without Jinja's HTML escaping."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)  # fmt: skip
 
 
-def _check_roles(messages: list[dict[str, str]]) -> None:
-    roles = [m["role"] for m in messages]
-    turns = roles[1:] if roles[:1] == ["system"] else roles
-    expected = ["user", "assistant"] * len(turns)
-    if not turns or turns != expected[: len(turns)] or turns[-1] != "user":
-        raise TemplateError(
-            f"roles {roles}: expected an optional system message, then user/assistant "
-            "alternating, ending with user"
-        )
+@lru_cache(maxsize=1)
+def _environment() -> Any:
+    """The sandbox transformers renders chat templates in (utils/chat_template_utils.py)."""
+    try:
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:
+        raise TemplateError(f"rendering a chat template needs jinja2: {_JINJA_HINT}") from e
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text; renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            call = self.call_method("_body")
+            return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Callable[[], str]) -> str:
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        """`namespace(...)` without underscore attributes (no way to CPython internals)."""
+
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r}")
+
+    class Dict:
+        """`dict(...)` and `dict.fromkeys(...)`, nothing else of the type."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> dict:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+            return dict.fromkeys(*args, **kwargs)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    env.globals.update(dict=Dict(), namespace=Namespace)
+    return env
 
 
-def render_prompt(template: ChatTemplate, messages: list[dict[str, str]], eos: str) -> Segments:
-    """The prompt turns (no BOS, no assistant header); raises TemplateError on bad roles."""
-    _check_roles(messages)
+@lru_cache(maxsize=64)
+def _compile(source: str) -> Any:
+    import jinja2
 
-    def clean(text: str) -> str:
-        return text.strip() if template.strip else text
-
-    system = template.default_system
-    if messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    if template.fold_system:
-        if system:  # an empty system message is dropped (Mistral's template would add "\n\n")
-            first = {"role": "user", "content": f"{clean(system)}\n\n{messages[0]['content']}"}
-            messages = [first, *messages[1:]]
-        system = None
-    if system is not None:
-        messages = [{"role": "system", "content": system}, *messages]
-    segments: Segments = []
-    for m in messages:
-        head, body = template.turn(m["role"], clean(m["content"]), eos)
-        segments += head + body
-    return segments
+    try:
+        return _environment().from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise TemplateError(f"chat template does not parse: line {e.lineno}: {e.message}") from e
 
 
-def render_response(template: ChatTemplate, content: str, eos: str) -> tuple[Segments, Segments]:
-    """(header, body) of a final assistant turn; body ends with EOS or the end-of-turn token."""
-    head, body = template.turn("assistant", content.strip() if template.strip else content, eos)
-    return head, body if isinstance(body[-1], Special) else [*body, Special(eos)]
-
-
-def encode_segments(tokenizer: Tokenizer, segments: Segments) -> list[int]:
-    """Ids of rendered segments: adjacent text is tokenised together, specials by id."""
-    ids: list[int] = []
-    text: list[str] = []
-    for seg in [*segments, Special("")]:  # the empty Special flushes the last text run
-        if not isinstance(seg, Special):
-            text.append(seg)
-            continue
-        ids += tokenizer.encode("".join(text))
-        text = []
-        if seg:
-            ids.append(tokenizer.token_id(seg))
-    return ids
-
-
-def encode_conversation(
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
+def render(
+    source: str,
     messages: list[dict[str, str]],
-    responses: list[str],
-    mask: str,
-) -> tuple[list[int], list[list[int]]]:
-    """BOS + prompt ids, and the ids of each response, tokenised separately (see DESIGN/README).
+    special_tokens: dict[str, str],
+    add_generation_prompt: bool = False,
+) -> str:
+    """The text transformers' `apply_chat_template(messages, tokenize=False)` gives for this
+    template source and special-token strings ({"bos_token": "<s>", ...})."""
+    import jinja2
 
-    Tokenising prompt and response apart keeps every token on one side of the boundary: the
-    response ids are exactly what the model emits after `encode_prompt`'s ids at generation.
+    template = _compile(source)
+    try:
+        return template.render(
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **special_tokens,
+        )
+    except jinja2.exceptions.TemplateError as e:
+        raise TemplateError(f"the chat template refused the conversation: {e}") from None
+
+
+def chat_template_source(directory: Path | None, tokenizer_config: dict[str, Any]) -> str | None:
+    """A checkpoint's own template, where transformers looks: chat_template.jinja (>= 4.50),
+    chat_template.json, then tokenizer_config.json (a string, or a list: the "default" one)."""
+    if directory is not None and (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if directory is not None and (directory / "chat_template.json").is_file():
+        path = directory / "chat_template.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TemplateError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("chat_template"), str):
+            raise TemplateError(f'{path}: expected {{"chat_template": "<Jinja>"}}')
+        return data["chat_template"]
+    source = tokenizer_config.get("chat_template")
+    if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": ..., ...}]
+        source = next((t["template"] for t in source if t.get("name") == "default"), None)
+    return source
+
+
+def fallback_template(model_type: str | None, has_token: Callable[[str], bool]) -> str | None:
+    """The named template of a checkpoint without one, by config.json's `model_type` (Llama-2
+    has model_type "llama" but no Llama-3 turn markers: None)."""
+    name = _MODEL_TYPES.get(model_type or "")
+    if name is None or (name in _NEEDS and not has_token(_NEEDS[name])):
+        return None
+    return name
+
+
+def get_template(
+    tokenizer: Tokenizer, template: str = "auto", chat_template: str = ""
+) -> ChatTemplate:
+    """The template data.template / data.chat_template select.
+
+    `chat_template` (a Jinja string, or the path of a Jinja file) wins; then a named template;
+    "auto" is the checkpoint's own, else the named template of its model_type.
     """
-    if mask not in MASKS:
-        raise TemplateError(f"unknown mask convention {mask!r}; expected one of {MASKS}")
-    eos = tokenizer.eos_token
-    prompt = render_prompt(template, messages, eos)
-    out = []
-    for content in responses:
-        head, body = render_response(template, content, eos)
-        out.append(encode_segments(tokenizer, head + body if mask == "official" else body))
-    if mask == "trl":
-        prompt += render_response(template, "", eos)[0]
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return bos + encode_segments(tokenizer, prompt), out
+    if chat_template:
+        if "{{" in chat_template or "{%" in chat_template:
+            return ChatTemplate("data.chat_template", chat_template)
+        path = Path(chat_template).expanduser()
+        if not path.is_file():
+            raise TemplateError(
+                f"data.chat_template = {chat_template!r}: no such file (relative paths start at "
+                f"{Path.cwd()}) and not a Jinja template"
+            )
+        return ChatTemplate(path.name, path.read_text(encoding="utf-8"))
+    if template == "auto":
+        if tokenizer.chat_template:
+            return ChatTemplate("own", tokenizer.chat_template)
+        name = fallback_template(tokenizer.model_type, lambda t: _has(tokenizer, t))
+        if name is None:
+            raise TemplateError(
+                f"{tokenizer.path} has no chat template and its model_type "
+                f"({tokenizer.model_type}) names none; set data.template to one of "
+                f"{sorted(TEMPLATES)} or data.chat_template to a Jinja file"
+            )
+        template = name
+    if template not in TEMPLATES:
+        raise TemplateError(
+            f"unknown chat template {template!r}; expected one of {sorted(TEMPLATES)}"
+        )
+    return ChatTemplate(template, TEMPLATES[template])
 
 
-def encode_prompt(messages: list[dict[str, str]], tokenizer: Tokenizer, template: str) -> list[int]:
-    """Prompt ids for generation: BOS, the turns, the assistant header (template name or "auto")."""
-    return encode_conversation(tokenizer, get_template(template, tokenizer), messages, [], "trl")[0]
+def _has(tokenizer: Tokenizer, token: str) -> bool:
+    try:
+        tokenizer.token_id(token)
+    except ValueError:
+        return False
+    return True

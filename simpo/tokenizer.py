@@ -1,12 +1,17 @@
-"""Tokenizer: a SentencePiece `tokenizer.model` or an HF `tokenizer.json`, with the checkpoint's
-special tokens.
+"""Tokenizer: the checkpoint's own `tokenizer.json` (through `tokenizers`, exactly as transformers'
+fast tokenizer) or, when it ships only a SentencePiece `tokenizer.model`, that model.
 
-`encode(text)` is exact: it never adds BOS/EOS, never adds SentencePiece's dummy-prefix space and
-never parses special-token text, so `decode(encode(a) + encode(b)) == a + b`. Special tokens are
-encoded by id (`token_id`), never by tokenising their text; the chat templates build on this.
+Two encodings:
+  `encode_chat(text)`  what `transformers` gives for `tokenizer(text, add_special_tokens=False)`:
+                       special-token text (`<s>`, `<|eot_id|>`, ...) becomes that token, the text
+                       between them is tokenised as the fast tokenizer does. Rendered chat
+                       templates are tokenised this way (simpo/conventions.py).
+  `encode(text)`       the ids of `text` with special-token text kept as text and no BOS / EOS.
+                       Exact (no dummy-prefix space) for SentencePiece, so
+                       `decode(encode(a) + encode(b)) == a + b` there.
 BOS / EOS / pad come from tokenizer_config.json, then special_tokens_map.json, then
 generation_config.json, then the model file; `stop_ids` (generation stops) are EOS, every
-`eos_token_id` of generation_config.json and the chat template's end-of-turn token.
+`eos_token_id` of generation_config.json and the end-of-turn token of the chat template.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,15 +27,28 @@ from typing import Any
 
 import sentencepiece as spm
 
-from simpo.templates import CHATML_JINJA, TURN_MARKERS, detect_template, end_of_turn
+from simpo.templates import (
+    CHATML_BOS_JINJA,
+    END_OF_TURN_MARKERS,
+    TEMPLATES,
+    TURN_MARKERS,
+    TemplateError,
+    chat_template_source,
+    fallback_template,
+)
 
 SP_MODEL = "tokenizer.model"
 HF_JSON = "tokenizer.json"
-CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+CONFIG_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 # ModelProto field 3 is NormalizerSpec, whose field 3 is add_dummy_prefix. Protobuf merges a
 # repeated embedded message into the first, so appending this record turns the dummy prefix off.
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
-_SELF_TEST = ("Hello", " world", "  two  spaces\n", "tab\tend")
+_TOKENIZERS_HINT = "pip install tokenizers (a core dependency of simpo: pip install -e .)"
 
 
 class TokenizerError(ValueError):
@@ -37,16 +56,29 @@ class TokenizerError(ValueError):
 
 
 class _SentencePiece:
-    """`tokenizer.model` through the `sentencepiece` package."""
+    """`tokenizer.model` through the `sentencepiece` package.
 
-    def __init__(self, path: Path, added: dict[int, str]) -> None:
+    `encode_chat` follows transformers' conversion of the model to a fast tokenizer: split on
+    special tokens; the dummy-prefix "▁" goes before the text at the very start of the string
+    ("first", transformers >= 5 and `"legacy": false`) or before every piece ("legacy": true),
+    never before a piece that already starts with a space. The fast tokenizer's BPE and
+    SentencePiece can still split runs of spaces differently: ship a tokenizer.json for
+    token-for-token equality.
+    """
+
+    def __init__(self, path: Path, added: dict[int, str], legacy: bool) -> None:
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.exact = spm.SentencePieceProcessor(
             model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX
         )
         n = self.sp.vocab_size()
-        self.special = {self.sp.id_to_piece(i): i for i in range(n) if self.sp.is_control(i)}
-        self.special.update({text: i for i, text in added.items() if i >= n})
+        specials = (i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i))
+        self.special = {self.sp.id_to_piece(i): i for i in specials}
+        self.special.update({text: i for i, text in added.items()})
+        self.legacy = legacy
+        self.dummy_prefix = self.sp.encode("a") != self.exact.encode("a")
+        longest_first = sorted(self.special, key=len, reverse=True)
+        self.split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
         # bytes of every id, so decode is a table lookup (byte-fallback pieces are single bytes)
         self.surface = [self._surface(i) for i in range(n)]
         self.surface += [b""] * (max(added, default=-1) + 1 - n)
@@ -55,10 +87,14 @@ class _SentencePiece:
                 self.surface[i] = text.encode()
         self.vocab_size = len(self.surface)
         self.defaults = {
-            "bos": self.sp.bos_id(),
-            "eos": self.sp.eos_id(),
-            "pad": self.sp.pad_id(),
+            "bos": self._piece(self.sp.bos_id()),
+            "eos": self._piece(self.sp.eos_id()),
+            "unk": self._piece(self.sp.unk_id()),
+            "pad": self._piece(self.sp.pad_id()),
         }
+
+    def _piece(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i) if i >= 0 else None
 
     def _surface(self, i: int) -> bytes:
         piece = self.sp.id_to_piece(i)
@@ -73,6 +109,16 @@ class _SentencePiece:
     def encode(self, text: str) -> list[int]:
         return self.exact.encode(text)
 
+    def encode_chat(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for k, piece in enumerate(self.split.split(text)):
+            if k % 2:  # odd pieces are the special tokens the pattern captured
+                ids.append(self.special[piece])
+            elif piece:
+                prefix = self.dummy_prefix and (k == 0 or self.legacy) and piece[0] != " "
+                ids += self.exact.encode(" " + piece if prefix else piece)
+        return ids
+
     def decode(self, ids: list[int], skip: set[int]) -> str:
         data = b"".join(self.surface[i] for i in ids if i not in skip)
         return data.decode("utf-8", errors="replace")
@@ -85,24 +131,28 @@ class _SentencePiece:
 
 
 class _HFTokenizers:
-    """`tokenizer.json` through the optional `tokenizers` package."""
+    """`tokenizer.json` through the `tokenizers` package: the same Rust code that transformers'
+    fast tokenizers run, so `encode_chat` equals `tokenizer(text, add_special_tokens=False)`."""
 
     def __init__(self, path: Path) -> None:
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError as e:
-            raise TokenizerError(
-                f"{path} needs the `tokenizers` package: pip install tokenizers "
-                "(or pip install simpo[tokenizers])"
-            ) from e
+            raise TokenizerError(f"{path} needs the tokenizers package: {_TOKENIZERS_HINT}") from e
         self.tok = HFTokenizer.from_file(str(path))
-        self.tok.encode_special_tokens = True  # "<|eot_id|>" inside a message stays plain text
         self.special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.defaults = {"bos": -1, "eos": -1, "pad": -1}
+        self.defaults: dict[str, str | None] = {"bos": None, "eos": None, "unk": None, "pad": None}
+
+    def _encode(self, text: str, specials_as_text: bool) -> list[int]:
+        self.tok.encode_special_tokens = specials_as_text
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self._encode(text, specials_as_text=True)
+
+    def encode_chat(self, text: str) -> list[int]:
+        return self._encode(text, specials_as_text=False)
 
     def decode(self, ids: list[int], skip: set[int]) -> str:
         return self.tok.decode([i for i in ids if i not in skip], skip_special_tokens=False)
@@ -112,7 +162,15 @@ class _HFTokenizers:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _token_text(value: Any) -> str | None:
@@ -120,24 +178,15 @@ def _token_text(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _chat_template_source(directory: Path, tokenizer_config: dict[str, Any]) -> str | None:
-    jinja = directory / "chat_template.jinja"  # transformers >= 4.50 writes it beside the config
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    source = tokenizer_config.get("chat_template")
-    if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": ..., ...}]
-        source = next((t["template"] for t in source if t.get("name") == "default"), None)
-    return source
-
-
 class Tokenizer:
-    """Encode / decode text; BOS, EOS, pad and stop ids; the chat template's name."""
+    """Encode / decode text; BOS, EOS, pad and stop ids; the checkpoint's chat template."""
 
     def __init__(self, path: Path) -> None:
         if path.is_dir():
-            model = next((path / n for n in (SP_MODEL, HF_JSON) if (path / n).is_file()), None)
+            # transformers' AutoTokenizer also prefers tokenizer.json when both are shipped
+            model = next((path / n for n in (HF_JSON, SP_MODEL) if (path / n).is_file()), None)
             if model is None:
-                raise TokenizerError(f"{path} has neither {SP_MODEL} nor {HF_JSON}")
+                raise TokenizerError(f"{path} has neither {HF_JSON} nor {SP_MODEL}")
             configs = [path / n for n in CONFIG_FILES if (path / n).is_file()]
         elif path.suffix in (".model", ".json") and path.is_file():
             model, configs = path, []  # a bare model file: its directory may belong to anything
@@ -155,42 +204,51 @@ class Tokenizer:
             int(i): t["content"] for i, t in tok_config.get("added_tokens_decoder", {}).items()
         }
         if model.suffix == ".model":
-            self._backend: _SentencePiece | _HFTokenizers = _SentencePiece(model, added)
+            legacy = bool(tok_config.get("legacy", False))
+            self._backend: _SentencePiece | _HFTokenizers = _SentencePiece(model, added, legacy)
         else:
             self._backend = _HFTokenizers(model)
         self.vocab_size = self._backend.vocab_size
         self._special_ids = set(self._backend.special.values())
 
-        def resolve(role: str) -> int | None:
+        def text_of(role: str) -> str | None:
             for config in (tok_config, special_map):
                 if f"{role}_token" in config:  # an explicit null means "this model has none"
-                    text = _token_text(config[f"{role}_token"])
-                    return None if text is None else self.token_id(text)
+                    return _token_text(config[f"{role}_token"])
             ids = gen_config.get(f"{role}_token_id")
             if ids is not None:
-                return ids[0] if isinstance(ids, list) else ids
-            default = self._backend.defaults[role]
-            return default if default >= 0 else None
+                return self.decode([ids[0] if isinstance(ids, list) else ids])
+            return self._backend.defaults[role]
 
-        self.bos_id = resolve("bos") if tok_config.get("add_bos_token", True) else None
-        eos_id = resolve("eos")
-        if eos_id is None:
+        # the special-token strings a chat template sees (transformers' special_tokens_map)
+        roles = ("bos", "eos", "unk", "pad")
+        self.special_tokens = {f"{r}_token": text for r in roles if (text := text_of(r))}
+        self.bos_token, eos_token = text_of("bos"), text_of("eos")
+        if eos_token is None:
             raise TokenizerError(f"{path}: no EOS token in the model or its config files")
-        self.eos_id: int = eos_id
-        pad_id = resolve("pad")
-        self.pad_id: int = eos_id if pad_id is None else pad_id  # padding is never scored
-        self.eos_token = self.decode([eos_id])
-        self.chat_template = detect_template(
-            _chat_template_source(path, tok_config) if path.is_dir() else None,
-            model_config.get("model_type"),
-            lambda token: self._backend.token_id(token) is not None,
-        )
+        self.eos_token: str = eos_token
+        # BOS exists whatever add_bos_token says: chat templates and the official pipeline
+        # decide where it goes (simpo/conventions.py)
+        self.bos_id = None if self.bos_token is None else self.token_id(self.bos_token)
+        self.eos_id = self.token_id(eos_token)
+        pad = text_of("pad")
+        self.pad_id: int = self.eos_id if pad is None else self.token_id(pad)  # never scored
+        try:
+            self.chat_template = chat_template_source(path if path.is_dir() else None, tok_config)
+        except TemplateError as e:
+            raise TokenizerError(str(e)) from None
+        self.model_type: str | None = model_config.get("model_type")
         extra = gen_config.get("eos_token_id", [])
-        stops = [eos_id, *(extra if isinstance(extra, list) else [extra])]
-        if self.chat_template and (marker := end_of_turn(self.chat_template)):
-            stops.append(self.token_id(marker))
+        stops = [self.eos_id, *(extra if isinstance(extra, list) else [extra])]
+        template = self.chat_template or self._fallback_source()
+        for marker in END_OF_TURN_MARKERS:
+            i = self._backend.token_id(marker) if template and marker in template else None
+            stops += [] if i is None else [i]
         self.stop_ids = list(dict.fromkeys(stops))
-        self._self_test()
+
+    def _fallback_source(self) -> str | None:
+        name = fallback_template(self.model_type, lambda t: self._backend.token_id(t) is not None)
+        return None if name is None else TEMPLATES[name]
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -201,11 +259,16 @@ class Tokenizer:
         return Tokenizer, (self.path,)
 
     def encode(self, text: str) -> list[int]:
-        """Ids of exactly `text`: no BOS/EOS, no dummy-prefix space, special text stays text."""
+        """Ids of `text`: no BOS/EOS, special-token text stays text (exact for SentencePiece)."""
         ids = self._backend.encode(text)
         if text and not ids:
             raise TokenizerError(f"{self.path} encoded {text[:40]!r} to no tokens")
         return ids
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of a rendered chat as transformers tokenises it (`add_special_tokens=False`):
+        special-token text becomes the special token."""
+        return self._backend.encode_chat(text)
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         """Text of `ids`; special tokens appear as their text unless `skip_special`."""
@@ -235,21 +298,7 @@ class Tokenizer:
         for f in configs:
             shutil.copyfile(f, out / f.name)
         if not configs:  # a bare model file: write what HF needs to know its special tokens
-            _write_config(
-                out,
-                self.decode([self.bos_id]) if self.bos_id is not None else None,
-                self.eos_token,
-                None,
-            )
-
-    def _self_test(self) -> None:
-        """Refuse a tokenizer that drops text or changes it across encode boundaries."""
-        ids = [i for s in _SELF_TEST for i in self.encode(s)]
-        if self.decode(ids) != "".join(_SELF_TEST):
-            raise TokenizerError(
-                f"{self.path} does not round-trip text ({self.decode(ids)!r}); a tokenizer.json "
-                f"that adds a prefix space to every call is not supported, use {SP_MODEL}"
-            )
+            _write_config(out, self.bos_token, self.eos_token, None)
 
 
 def _write_config(out: Path, bos: str | None, eos: str, chat_template: str | None) -> None:
@@ -280,10 +329,9 @@ def train_sentencepiece(
 ) -> Tokenizer:
     """Train a Llama-style BPE SentencePiece model on `texts` (split into lines).
 
-    Turn markers of every supported chat template are control pieces: encoded only by id, so a
-    message that contains "<|im_end|>" stays text. Writes tokenizer.model and a
-    tokenizer_config.json (<s>, </s>, the chatml template) into `out_dir`; `options` override
-    SentencePiece trainer settings.
+    Turn markers of every supported chat template are control pieces (special tokens). Writes
+    tokenizer.model and a tokenizer_config.json (<s>, </s>, a chatml template that starts with
+    BOS) into `out_dir`; `options` override SentencePiece trainer settings.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -296,5 +344,5 @@ def train_sentencepiece(
         **{**_TRAIN_DEFAULTS, **options},
     )
     (out / SP_MODEL).write_bytes(model.getvalue())
-    _write_config(out, "<s>", "</s>", CHATML_JINJA)
+    _write_config(out, "<s>", "</s>", CHATML_BOS_JINJA)
     return Tokenizer.from_dir(out)

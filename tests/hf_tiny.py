@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from simpo.hf_config import tiny_hf_config
+from simpo.demo.tiny import tiny_hf_config
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gemma", "gemma2")
 

@@ -9,8 +9,9 @@ import torch
 from hf_tiny import one_thread  # noqa: F401
 
 from simpo.attention import Layout, attend, masked_attention
-from simpo.attention_docs import DocMasks
-from simpo.model import Transformer, tiny_args
+from simpo.attention_varlen import DocMasks, LayoutError
+from simpo.demo.tiny import tiny_args
+from simpo.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,14 +124,17 @@ def test_per_document_path_equals_dense_mask(window: int | None, softcap: float 
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_per_document_plan_rejects_other_shapes() -> None:
-    """A document split over two spans has no plan: attend falls back to the dense mask."""
+def test_unplannable_packed_layout_is_an_error_not_a_dense_fallback() -> None:
+    """A document split over two spans has no per-document plan: "sdpa" raises LayoutError
+    naming the row (no silent switch to a dense mask); "dense" asks for the mask explicitly."""
     doc = torch.tensor([[0, 0, 1, 1, 0]])
     layout = Layout(doc, torch.zeros_like(doc), torch.arange(5)[None])
-    assert isinstance(layout.mask(None, None, "sdpa"), torch.Tensor)
     q, k, v = _qkv(layout)
+    with pytest.raises(LayoutError, match="row 0: document 0 is split over two spans"):
+        attend(q, k, v, layout, scale=0.25)
+    assert isinstance(layout.mask(None, None, "dense"), torch.Tensor)
     want = masked_attention(q, k, v, layout.dense_mask(None), 0.25, None)
-    torch.testing.assert_close(attend(q, k, v, layout, scale=0.25), want)
+    torch.testing.assert_close(attend(q, k, v, layout, scale=0.25, backend="dense"), want)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "qwen2"])
@@ -144,7 +148,7 @@ def test_packed_row_equals_separate_sequences(family: str) -> None:
     ids = torch.cat([other, prompt, chosen, rejected, torch.zeros(3, dtype=torch.long)])[None]
     layout = _packed_layout([[(5, 0, 0), (6, 7, 9)]], width=ids.shape[1])
     with torch.no_grad():
-        packed = model(ids, layout.position_ids, layout)[0]  # (T, V)
+        packed = model(ids, layout)[0]  # (T, V)
         pc = model(torch.cat([prompt, chosen])[None])[0]
         pr = model(torch.cat([prompt, rejected])[None])[0]
         alone = model(other[None])[0]

@@ -12,8 +12,9 @@ import torch
 from hf_tiny import FAMILIES, cached_tiny_hf, load_hf, one_thread  # noqa: F401
 from safetensors.torch import load_file, save_file
 
-from simpo.checkpoint import INDEX, SINGLE, load_state_into, save_hf
-from simpo.model import Transformer, tiny_args
+from simpo.demo.tiny import tiny_args
+from simpo.hf import INDEX, SINGLE, load_model, load_state_into, save_hf
+from simpo.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +43,7 @@ def test_save_hf_round_trip_through_transformers(family: str, tmp_path: Path) ->
     with torch.no_grad():
         want = model(IDS)
         hf = load_hf(out)(IDS).logits
-        ours = Transformer.from_pretrained(out)(IDS)
+        ours = load_model(out)(IDS)
     assert (hf - want).abs().max() < 1e-4
     assert torch.equal(ours, want)
 
@@ -57,7 +58,7 @@ def test_save_hf_single_file_in_half_precision(dtype: torch.dtype, tmp_path: Pat
     tensors = load_file(out / SINGLE)
     assert "lm_head.weight" not in tensors  # tied: stored once, as HF does
     assert all(t.dtype == dtype for t in tensors.values())
-    loaded = Transformer.from_pretrained(out)  # half precision on disk -> fp32 in memory
+    loaded = load_model(out)  # half precision on disk -> fp32 in memory
     for name, p in loaded.state_dict().items():
         assert torch.equal(p, model.state_dict()[name].to(dtype).float()), name
 
@@ -76,7 +77,7 @@ def test_tied_checkpoint_may_store_lm_head(tmp_path: Path) -> None:
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old llama exports
     save_file(tensors, tmp_path / SINGLE)
-    loaded = Transformer.from_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
     assert torch.equal(loaded.head_weight, model.head_weight)
 
 
@@ -92,20 +93,20 @@ def _break(tmp_path: Path, edit: Callable[[dict[str, torch.Tensor]], object]) ->
 def test_missing_tensor_is_named(tmp_path: Path) -> None:
     path = _break(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"missing tensor\(s\): model\.layers\.1\.mlp\.up_proj"):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 def test_unexpected_tensor_is_named(tmp_path: Path) -> None:
     path = _break(tmp_path, lambda t: t.update({"model.extra.weight": torch.ones(2)}))
     with pytest.raises(ValueError, match=r"unexpected tensor\(s\): model\.extra\.weight"):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 def test_wrong_shape_is_named(tmp_path: Path) -> None:
     name = "model.layers.0.self_attn.k_proj.weight"
     path = _break(tmp_path, lambda t: t.update({name: torch.ones(16, 64)}))
     with pytest.raises(ValueError, match=rf"{name} has shape \(16, 64\), expected \(32, 64\)"):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 def test_unknown_model_type(tmp_path: Path) -> None:
@@ -113,7 +114,7 @@ def test_unknown_model_type(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
     with pytest.raises(ValueError, match="'model_type' is 'falcon'"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 @pytest.fixture
@@ -124,17 +125,17 @@ def sharded(tmp_path: Path) -> Path:
 def test_corrupt_index_json(sharded: Path) -> None:
     (sharded / INDEX).write_text('{"weight_map": {"model.norm.weight": ')
     with pytest.raises(ValueError, match=r"index\.json: corrupt index"):
-        Transformer.from_pretrained(sharded)
+        load_model(sharded)
     (sharded / INDEX).write_text('{"metadata": {}}')
     with pytest.raises(ValueError, match="weight_map"):
-        Transformer.from_pretrained(sharded)
+        load_model(sharded)
 
 
 def test_index_naming_a_missing_shard(sharded: Path) -> None:
     index = json.loads((sharded / INDEX).read_text())
     (sharded / index["weight_map"]["model.norm.weight"]).unlink()
     with pytest.raises(FileNotFoundError, match=r"names shard model-000\d\d-of-000\d\d"):
-        Transformer.from_pretrained(sharded)
+        load_model(sharded)
 
 
 def test_index_pointing_at_the_wrong_shard(sharded: Path) -> None:
@@ -143,18 +144,18 @@ def test_index_pointing_at_the_wrong_shard(sharded: Path) -> None:
     index["weight_map"]["model.norm.weight"] = wrong
     (sharded / INDEX).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=rf"{wrong}: the index maps tensor model\.norm\.weight"):
-        Transformer.from_pretrained(sharded)
+        load_model(sharded)
 
 
 def test_truncated_shard_and_empty_dir(sharded: Path, tmp_path: Path) -> None:
     shard = sorted(sharded.glob("model-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ValueError, match=rf"{shard.name}: not a readable safetensors file"):
-        Transformer.from_pretrained(sharded)
+        load_model(sharded)
     (tmp_path / "empty").mkdir()
     shutil.copy(sharded / "config.json", tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
-        Transformer.from_pretrained(tmp_path / "empty")
+        load_model(tmp_path / "empty")
 
 
 def test_fsdp2_dtensor_params_load_and_save(tmp_path: Path) -> None:

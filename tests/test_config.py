@@ -1,5 +1,6 @@
 """Config parsing: defaults, TOML file, CLI overrides, round trip, and every error case."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,82 @@ def test_help_lists_every_key_with_help():
     for section, sub in vars(Config()).items():
         for key in vars(sub):
             assert f"{section}.{key} " in text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--loss.beta=0", r"command line: loss.beta = 0.0: expected > 0"),
+        ("--loss.beta=-2", r"loss.beta = -2.0: expected > 0"),
+        ("--train.lr=-1", r"train.lr = -1.0: expected > 0"),
+        ("--train.log_every=0", r"train.log_every = 0: expected >= 1"),
+        ("--train.warmup_ratio=1.5", r"train.warmup_ratio = 1.5: expected 0 <= x < 1"),
+        ("--data.max_prompt_length=4096", r"max_prompt_length = 4096: expected < data.max_len"),
+        ("--data.max_tokens=0", r"data.max_tokens = 0: expected >= 2"),
+    ],
+)
+def test_values_that_make_a_run_meaningless_fail_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_range_errors_name_the_file_line(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nseed = 1\nlr = 0.0\n")
+    with pytest.raises(ConfigError, match=rf"{path}:3: train.lr = 0.0: expected > 0"):
+        load_config(path)
+    load_config(None, ["--loss.name=sft", "--loss.beta=0"])  # SFT has no β: accepted
+
+
+def test_choices_come_from_the_modules_that_implement_them():
+    from simpo.attention import BACKENDS
+    from simpo.packing import PACKINGS
+    from simpo.templates import TEMPLATES
+
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config().data)}
+    assert choices["packing"] == PACKINGS and set(TEMPLATES) < set(choices["template"])
+    model_choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config().model)}
+    assert model_choices["attention"] == BACKENDS
+    assert "[eval]" not in help_text()  # eval.py's flags are its own
+
+
+def test_report_to_is_a_list_from_toml_or_the_command_line(tmp_path):
+    assert load_config().train.report_to == ["jsonl"]
+    assert Config().train.report_to is not Config().train.report_to  # no shared default list
+    path = write(tmp_path, '[train]\nreport_to = ["jsonl", "tensorboard"]\n')
+    assert load_config(path).train.report_to == ["jsonl", "tensorboard"]
+    cli = load_config(path, ["--train.report_to=wandb, jsonl"]).train.report_to
+    assert cli == ["wandb", "jsonl"]  # CLI wins; spaces around commas are dropped
+    assert load_config(None, ['--train.report_to=["wandb"]']).train.report_to == ["wandb"]
+    assert load_config(None, ["--train.report_to="]).train.report_to == []  # nothing at all
+    assert load_config(write(tmp_path, '[train]\nreport_to = "wandb"\n')).train.report_to == [
+        "wandb"
+    ]  # a single string in TOML, as TRL's report_to="wandb"
+
+
+def test_report_to_round_trips_and_is_listed_in_help(tmp_path):
+    cfg = load_config(None, ["--train.report_to=tensorboard,wandb"])
+    text = to_toml(cfg)
+    assert 'report_to = ["tensorboard", "wandb"]' in text
+    assert load_config(write(tmp_path, text)) == cfg
+    assert "train.report_to = ['jsonl']" in help_text()
+
+
+def test_report_to_errors_name_the_source_and_the_valid_values(tmp_path):
+    expected = (
+        r"command line: train.report_to = \['wandb', 'tensorbord'\]: "
+        r"valid: jsonl, wandb, tensorboard. Did you mean 'tensorboard'"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["--train.report_to=wandb,tensorbord"])
+    path = write(tmp_path, "[train]\nreport_to = [1, 2]\n")
+    with pytest.raises(
+        ConfigError, match=rf"{path}:2: train.report_to = \[1, 2\]: expected a list"
+    ):
+        load_config(path)
+    with pytest.raises(ConfigError, match="names a value twice"):
+        load_config(None, ["--train.report_to=jsonl,jsonl"])
+    with pytest.raises(ConfigError, match="expected a list of non-empty strings"):
+        load_config(None, ["--train.report_to=jsonl,,wandb"])
+    with pytest.raises(ConfigError, match=r"expected a list of strings, e.g. a,b"):
+        load_config(None, ['--train.report_to=["jsonl"'])

@@ -15,6 +15,7 @@ import pytest
 from sp_helpers import MISTRAL_MODEL, SHARED, train_tokenizer
 
 from simpo.config import DataConfig
+from simpo.conventions import with_empty_system
 from simpo.data import (
     DataError,
     check_config,
@@ -24,8 +25,11 @@ from simpo.data import (
     truncate_pair,
 )
 from simpo.readers import Skip
-from simpo.templates import TEMPLATES, render_prompt, render_response
+from simpo.templates import render
 from simpo.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MISTRAL_SIMPO = ROOT / "configs" / "templates" / "mistral-simpo.jinja"
 
 
 def cfg(**overrides) -> DataConfig:
@@ -65,10 +69,14 @@ def tok(tmp_path_factory) -> Tokenizer:
     return train_tokenizer(tmp_path_factory.mktemp("sp"))
 
 
-def rendered(tok: Tokenizer, prompt: list[dict], response: str, name: str = "chatml") -> str:
-    """The text a pair's ids must decode to (mask "official")."""
-    head, body = render_response(TEMPLATES[name], response, tok.eos_token)
-    return "<s>" + "".join(render_prompt(TEMPLATES[name], prompt, tok.eos_token) + head + body)
+def rendered(tok: Tokenizer, prompt: list[dict], response: str, source: str = "") -> str:
+    """The text a pair's ids decode to under the official convention: the prompt (with an
+    empty system turn), the response as a lone assistant turn without BOS, EOS when missing."""
+    source = source or tok.chat_template
+    text = render(source, with_empty_system(prompt, source), tok.special_tokens)
+    alone = [{"role": "assistant", "content": response}]
+    text += render(source, alone, tok.special_tokens).removeprefix(tok.bos_token)
+    return text if text.endswith(tok.eos_token) else text + tok.eos_token
 
 
 @pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.jsonl.gz", "d.json.gz"])
@@ -148,7 +156,7 @@ def test_hh_dialogues(tok, tmp_path):
         ("user", "Hi there"), ("assistant", "Hello! How can I help?"), ("user", "Name a colour.")
     )
     assert tok.decode(pairs[0].prompt_ids + pairs[0].chosen_ids) == rendered(tok, prompt, "Blue.")
-    assert tok.decode(pairs[0].rejected_ids).startswith("<|im_start|>assistant\nRed<|im_end|>")
+    assert tok.decode(pairs[0].rejected_ids) == "<|im_start|>assistant\nRed<|im_end|>\n</s>"
 
 
 def test_skip_reasons_are_counted(tok, tmp_path):
@@ -221,6 +229,10 @@ def test_nothing_usable_raises_naming_the_file(tok, tmp_path):
         ([1, 2, 3, 4, 5, 6], [R], 8, 4, "keep_end", 0, ([3, 4, 5, 6], [R], 1, [0])),
         ([1, 2, 3, 4, 5, 6], [R * 5], 8, 4, "keep_start", 1, ([1, 2, 3, 4], [R * 4], 1, [1])),
         ([1, 2, 3], [R * 5], 4, 3, "keep_end", 1, ([1, 2, 3], [R], 0, [1])),
+        # the boundary: a response of exactly the budget (8 - 2 = 6) fits and is not cut; one
+        # more token is cut (the "cut" flag feeds the truncated_* counters)
+        ([1, 5], [R * 6, R * 7], 8, 6, "keep_end", 1, ([1, 5], [R * 6, R * 6], 0, [0, 1])),
+        ([1, 2, 3, 4], [R * 4, R * 5], 7, 3, "keep_start", 1, ([1, 2, 3], [R * 4] * 2, 1, [0, 1])),
     ],
 )
 def test_truncate_pair(prompt, responses, max_len, max_prompt, mode, keep_first, expected):
@@ -265,6 +277,7 @@ def test_check_config():
     for key, value, match in [
         ("mask", "hf", "data.mask = 'hf'"),
         ("truncation", "middle", "data.truncation"),
+        ("truncation_rule", "trl", "data.truncation_rule"),
         ("format", "csv", "data.format"),
         ("max_length", 0, "data.max_length = 0"),
         ("eval_fraction", 1.0, "data.eval_fraction"),
@@ -329,17 +342,21 @@ def mistral() -> Tokenizer:
 
 
 def check_boundaries(tok: Tokenizer, pairs: list, rows: list, fmt: str, count: int = 100) -> None:
+    """The ids decode to the official rendering (BOS first; SentencePiece shows the dummy-prefix
+    space that the fast tokenizer also puts before the prompt's first word)."""
     from simpo.readers import Fields, to_example
 
+    source = MISTRAL_SIMPO.read_text()
     for pair in pairs[:count]:
         ex = to_example(rows[pair.index], fmt, Fields())
-        text = rendered(tok, ex.prompt, ex.chosen, "mistral")
-        assert tok.decode(pair.prompt_ids + pair.chosen_ids) == text
+        text = rendered(tok, ex.prompt, ex.chosen, source)
+        assert tok.decode(pair.prompt_ids + pair.chosen_ids) == "<s> " + text
 
 
 def test_real_alpaca_eval_prefs(mistral):
     path = SHARED / "alpaca_eval_prefs.jsonl"
-    pairs, report = load_pairs(path, mistral, cfg(template="mistral"), progress=False)
+    c = cfg(chat_template=str(MISTRAL_SIMPO), num_workers=2)
+    pairs, report = load_pairs(path, mistral, c, progress=False)
     print(report.summary())
     assert (report.rows, report.pairs, report.skipped) == (6246, 6246, {})
     assert report.truncated_prompts == 0
@@ -351,7 +368,8 @@ def test_real_alpaca_eval_prefs(mistral):
 
 def test_real_hh_rlhf(mistral):
     path = SHARED / "hh_rlhf_harmless_test.jsonl.gz"
-    pairs, report = load_pairs(path, mistral, cfg(template="mistral"), progress=False)
+    c = cfg(chat_template=str(MISTRAL_SIMPO))
+    pairs, report = load_pairs(path, mistral, c, progress=False)
     print(report.summary())
     assert (report.rows, report.format) == (2312, "hh")
     # 5 pairs diverge before the last turn, 4 have an empty answer, 4 repeat a speaker
@@ -359,3 +377,124 @@ def test_real_hh_rlhf(mistral):
     assert report.pairs == 2312 - 13
     rows = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
     check_boundaries(mistral, pairs, rows, "hh")
+
+
+def test_real_mistral_own_template_refuses_the_official_convention(mistral, tmp_path):
+    """Mistral's own template raises on a lone assistant message, as the official pipeline
+    renders each response: a clear error naming the fix (the official run's override)."""
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join((SHARED / "alpaca_eval_prefs.jsonl").open().readlines()[:5]))
+    with pytest.raises(DataError, match=r"(?s)template_refused.*mistral-simpo.jinja"):
+        load_pairs(path, mistral, cfg(template="mistral"), progress=False)
+    pairs, report = load_pairs(path, mistral, cfg(template="mistral", mask="trl"), progress=False)
+    assert report.pairs == 5 and pairs[0].prompt_ids[0] == mistral.bos_id
+
+
+# --- conventions and the official truncation rule (issue 13) ---
+
+
+@pytest.mark.parametrize(
+    "prompt, responses, max_len, max_prompt, mode, expected",
+    [
+        # fits: nothing is cut, however long the prompt is against max_prompt_length
+        (
+            [1, 2, 3, 4, 5],
+            [R * 3, [8]],
+            8,
+            2,
+            "keep_end",
+            ([1, 2, 3, 4, 5], [R * 3, [8]], 0, [0, 0]),
+        ),
+        # prompt + longer response > max_length: the prompt keeps its last tokens, BOS included
+        ([1, 2, 3, 4, 5], [R * 4, [8]], 8, 3, "keep_end", ([3, 4, 5], [R * 4, [8]], 1, [0, 0])),
+        ([1, 2, 3, 4, 5], [R * 4, [8]], 8, 3, "keep_start", ([1, 2, 3], [R * 4, [8]], 1, [0, 0])),
+        # still too long: both responses cut to max_length - max_prompt_length
+        (
+            [1, 2, 3, 4, 5],
+            [R * 9, [8] * 6],
+            8,
+            3,
+            "keep_end",
+            ([3, 4, 5], [R * 5, [8] * 5], 1, [1, 1]),
+        ),
+        # a short prompt still leaves its responses max_length - max_prompt_length tokens
+        ([1, 2], [R * 9, [8]], 8, 6, "keep_end", ([1, 2], [R * 2, [8]], 0, [1, 0])),
+    ],
+)
+def test_truncate_pair_official_rule(prompt, responses, max_len, max_prompt, mode, expected):
+    """scripts/simpo_trainer.py tokenize_row: (prompt, responses, prompt cut, responses cut)."""
+    got = truncate_pair(prompt, responses, max_len, max_prompt, mode, 1, rule="official")
+    assert got == expected
+
+
+def test_official_rule_needs_room_for_responses():
+    check_config(cfg(truncation_rule="official"))
+    with pytest.raises(ValueError, match="max_prompt_length = 512 must be < data.max_length"):
+        check_config(cfg(truncation_rule="official", max_length=512, max_prompt_length=512))
+
+
+def test_official_convention_on_the_tiny_tokenizer(tok, tmp_path):
+    """The official pipeline's rendering: an empty system turn (chatml mentions <|im_start|>),
+    the assistant header in the response, BOS once (the template writes it), EOS appended
+    after the turn's closing newline."""
+    pairs, report = load_pairs(write(tmp_path / "d.jsonl", ROWS[:1]), tok, cfg(), progress=False)
+    p = pairs[0]
+    assert report.template == "own" and report.mask == "official"
+    assert tok.decode(p.prompt_ids) == (
+        "<s><|im_start|>system\n<|im_end|>\n<|im_start|>user\nQuestion 0?<|im_end|>\n"
+    )
+    assert tok.decode(p.chosen_ids) == "<|im_start|>assistant\nA good answer 0.<|im_end|>\n</s>"
+    assert p.prompt_ids.count(tok.bos_id) == 1 and p.rejected_ids[-1] == tok.eos_id
+
+
+def test_trl_convention_on_the_tiny_tokenizer(tok, tmp_path):
+    """TRL: the prompt ends with the generation prompt, responses end as the template ends
+    them (no EOS added), no system turn is inserted."""
+    c = cfg(mask="trl")
+    pairs, _ = load_pairs(write(tmp_path / "d.jsonl", ROWS[:1]), tok, c, progress=False)
+    p = pairs[0]
+    assert tok.decode(p.prompt_ids) == (
+        "<s><|im_start|>user\nQuestion 0?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tok.decode(p.chosen_ids) == "A good answer 0.<|im_end|>\n"
+
+
+def test_official_boundary_merge(tok, tmp_path):
+    """Prompt and response tokenised together: when the prompt's last token merges with the
+    response (" m" + "odel" -> " model"), the response starts one token earlier
+    (build_tokenized_answer). When only one response merges, the pair's two prompts differ:
+    skipped and counted."""
+    plain = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # no system, no specials
+    prompt = "Please write about m"
+    rows = [uf_row(prompt, "odel now", "odel."), uf_row(prompt, "odel now", " no")]
+    c = cfg(chat_template=plain)
+    pairs, report = load_pairs(write(tmp_path / "m.jsonl", rows), tok, c, progress=False)
+    assert report.skipped == {"boundary_merge": 1} and len(pairs) == 1
+    p = pairs[0]
+    alone, joint = tok.encode_chat(prompt), tok.encode_chat(prompt + "odel now")
+    assert p.prompt_ids == [tok.bos_id, *alone[:-1]]  # " m" left the prompt
+    assert p.chosen_ids == [*joint[len(alone) - 1 :], tok.eos_id]
+    assert tok.decode(p.chosen_ids[:1]) == " model"
+
+
+def test_template_refusals_are_skipped_and_counted(tok, tmp_path):
+    refusing = "{% if messages | length == 1 %}{{ raise_exception('no lone turns') }}{% endif %}x"
+    rows = ROWS[:2]
+    with pytest.raises(DataError, match=r"(?s)template_refused.*no lone turns"):
+        load_pairs(write(tmp_path / "d.jsonl", rows), tok, cfg(chat_template=refusing))
+
+
+def test_template_that_drops_the_response_is_skipped(tok, tmp_path):
+    user_only = (
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    c = cfg(chat_template=user_only, mask="trl")
+    with pytest.raises(DataError, match=r"(?s)skipped 2 \(empty_response\).*no tokens after"):
+        load_pairs(write(tmp_path / "d.jsonl", ROWS[:2]), tok, c, progress=False)
+
+
+def test_a_missing_chat_template_file_is_a_data_error(tok, tmp_path):
+    """train.py and eval.py print DataErrors as one line, without a traceback."""
+    c = cfg(chat_template=str(tmp_path / "nope.jinja"))
+    with pytest.raises(DataError, match=r"data.chat_template = '.*nope.jinja': no such file"):
+        load_pairs(write(tmp_path / "d.jsonl", ROWS[:1]), tok, c, progress=False)

@@ -3,7 +3,7 @@
 Two ranks must give the same losses and weights as one process on the same global batch:
 the batch is dealt to the ranks, the loss is normalised by the pairs of the whole step, and
 FSDP's gradient reduction turns the per-rank sums into the global one. Each torchrun run
-must also exit 0 (see simpo.dist.shutdown for the abort it would otherwise hit 1 in 4 times).
+must also exit 0 (see simpo.world.shutdown for the abort it would otherwise hit 1 in 4 times).
 """
 
 from __future__ import annotations

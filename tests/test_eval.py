@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpo.checkpoint import save_hf
 from simpo.config import DataConfig
 from simpo.data import load_pairs
-from simpo.model import ModelArgs, Transformer, tiny_hf_config
-from simpo.synthetic import write_synthetic_prefs
-from simpo.tiny import build_tiny_model_dir, texts_from_file
+from simpo.demo.synthetic import write_synthetic_prefs
+from simpo.demo.tiny import build_tiny_model_dir, texts_from_file, tiny_hf_config
+from simpo.hf import load_model, read_hf_config, save_hf
+from simpo.model import Transformer
 from simpo.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def one_thread():
 
 def perturbed_copy(src: Path, dst: Path, seed: int) -> Path:
     """`src` with larger random weights, so log-probs differ clearly between responses."""
-    model = Transformer.from_pretrained(src)
+    model = load_model(src)
     model.init_weights(seed, std=0.3)
     return save_hf(model, dst, tokenizer_dir=src)
 
@@ -58,7 +58,7 @@ def full_logits_logps(model_dir: Path, data: Path) -> tuple[torch.Tensor, torch.
     """Per pair log-prob sums and lengths (P, 2), from whole-sequence logits + log_softmax."""
     tokenizer = Tokenizer.from_dir(model_dir)
     pairs, _ = load_pairs(data, tokenizer, DataConfig(num_workers=1), progress=False)
-    model = Transformer.from_pretrained(model_dir)
+    model = load_model(model_dir)
     sums, lengths = [], []
     with torch.no_grad():
         for p in pairs:
@@ -113,6 +113,15 @@ def test_metrics_match_an_independent_computation(tiny, tmp_path):
     assert m["num_pairs"] == 40 and m["num_skipped"] == 0
 
 
+def test_preference_metrics_count_a_tie_as_wrong():
+    """Strict `>` (TRL, the official trainer): a tied pair is not a correct one."""
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 1.0], [0.5, 0.5], [0.0, 1.0]])  # (P, 2)
+    lengths = torch.tensor([[3, 2], [3, 2], [2, 3], [2, 3]])  # chosen longer, then shorter
+    m = ev.preference_metrics(rewards, lengths)
+    assert (m["accuracy"], m["margin"]) == (0.25, 0.0)
+    assert (m["accuracy_chosen_longer"], m["accuracy_rejected_longer"]) == (0.5, 0.0)
+
+
 def test_generation_writes_alpaca_eval_model_outputs(tiny, tmp_path):
     policy, _, _ = tiny
     prompts = tmp_path / "prompts.jsonl"
@@ -127,20 +136,25 @@ def test_generation_writes_alpaca_eval_model_outputs(tiny, tmp_path):
     ]
     assert [o["instruction"] for o in outputs] == [r["instruction"] for r in rows]
     assert all(o["generator"] == "tiny-simpo" and isinstance(o["output"], str) for o in outputs)
-    assert m["gen_num"] == 2 and 0 <= m["gen_mean_tokens"] <= 6
+    assert m["gen_num"] == 2
 
-    # greedy decoding by hand, from whole-sequence logits: the same text
+    # greedy decoding by hand, from whole-sequence logits over the tokenizer's ids (the tiny
+    # model's head is wider): the same texts and token counts
     tokenizer = Tokenizer.from_dir(policy)
-    model = Transformer.from_pretrained(policy)
-    ids = ev.encode_prompt([{"role": "user", "content": "Hi"}], tokenizer, "auto")
-    new: list[int] = []
-    with torch.no_grad():
-        while len(new) < 6:
-            nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
-            if nxt in tokenizer.stop_ids:
-                break
-            new.append(nxt)
-    assert outputs[1]["output"] == tokenizer.decode(new, skip_special=True)
+    model = load_model(policy)
+    lengths = []
+    for row, got in zip(rows, outputs, strict=True):
+        ids = ev.encode_prompt([{"role": "user", "content": row["instruction"]}], tokenizer, "auto")
+        new: list[int] = []
+        with torch.no_grad():
+            while len(new) < 6:
+                nxt = int(model(torch.tensor([ids + new]))[0, -1, : tokenizer.vocab_size].argmax())
+                if nxt in tokenizer.stop_ids:
+                    break
+                new.append(nxt)
+        assert got["output"] == tokenizer.decode(new, skip_special=True)
+        lengths.append(len(new))
+    assert m["gen_mean_tokens"] == sum(lengths) / len(lengths)
 
 
 def test_prompts_from_the_preference_file(tiny, tmp_path):
@@ -220,7 +234,7 @@ def test_real_alpaca_eval_prefs_with_the_mistral_tokenizer(tmp_path):
     model_dir.mkdir()
     shutil.copyfile(SHARED / "tokenizers" / "mistral-7b-v0.1.model", model_dir / "tokenizer.model")
     hf = tiny_hf_config("mistral", vocab_size=32000, hidden_size=32, num_hidden_layers=1)
-    model = Transformer(ModelArgs.from_hf_config(hf))
+    model = Transformer(read_hf_config(hf))
     model.init_weights(seed=0)
     save_hf(model, model_dir)
     subset = tmp_path / "prefs.jsonl"  # the first rows of the real file: tokenising all is slow
@@ -228,9 +242,20 @@ def test_real_alpaca_eval_prefs_with_the_mistral_tokenizer(tmp_path):
     subset.write_text("\n".join(lines) + "\n")
     argv = ["--model", str(model_dir), "--data", str(subset), "--out", str(tmp_path / "out")]
     argv += ["--max-length", "512", "--max-prompt-length", "256", "--limit", "16", "--quiet"]
+    argv += ["--chat-template", str(ROOT / "configs" / "templates" / "mistral-simpo.jinja")]
     m = ev.main([*argv, "--num-prompts", "2", "--max-new-tokens", "3"])
     assert m["num_pairs"] == 16 and m["num_skipped"] == 0
-    assert 0 <= m["accuracy"] <= 1 and m["length_chosen"] > m["length_rejected"]  # as the data
+    assert m["length_chosen"] > m["length_rejected"]  # as the data
+    # accuracy and margin re-derived from the per-pair scores eval.py wrote
+    scores = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    avg = torch.tensor([s["logp_sum"] for s in scores]) / torch.tensor(
+        [s["length"] for s in scores]
+    )
+    reward = m["beta"] * avg.double()  # (16, 2): chosen, rejected
+    assert m["accuracy"] == pytest.approx((reward[:, 0] > reward[:, 1]).double().mean().item())
+    assert m["margin"] == pytest.approx(
+        (reward[:, 0] - reward[:, 1]).mean().item(), rel=1e-5, abs=1e-6
+    )
     assert m["logp_chosen"] == pytest.approx(-torch.log(torch.tensor(32000.0)).item(), abs=0.05)
     outputs = json.loads((tmp_path / "out" / "model_outputs.json").read_text())
     assert [o["instruction"] for o in outputs] == [json.loads(x)["prompt"] for x in lines[:2]]

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from simpo.data import TokenizedPair
-from simpo.model import Transformer, tiny_args
+from simpo.demo.tiny import tiny_args
+from simpo.model import Transformer
 from simpo.packing import PackedBatch, empty_batch, pack_pairs
 
 VOCAB = 96
@@ -43,7 +44,7 @@ def run(model: Transformer, batches: list[PackedBatch], num_pairs: int):
     sums = torch.zeros(2 * num_pairs)
     counts = torch.zeros(2 * num_pairs)
     for b in batches:
-        s, c = model(b.input_ids, b.layout.position_ids, b.layout, b.score)  # (2P,) each
+        s, c = model(b.input_ids, b.layout, b.score)  # (2P,) each
         order = torch.stack([2 * b.pair_index, 2 * b.pair_index + 1], dim=1).flatten()  # (2P,)
         sums = sums.index_add(0, order, s)
         counts = counts.index_add(0, order, c)
@@ -105,7 +106,7 @@ def test_packed_layouts_equal_padded_and_naive(family: str):
 def test_empty_batch_runs_forward_and_backward():
     model = make_model("gemma2")
     b = empty_batch()
-    s, c = model(b.input_ids, b.layout.position_ids, b.layout, b.score)
+    s, c = model(b.input_ids, b.layout, b.score)
     assert s.shape == c.shape == (0,)
     model.zero_grad()
     simpo_loss(s, c).backward()  # zero pairs: loss 0, every gradient zero (FSDP still syncs)

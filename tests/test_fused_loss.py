@@ -109,7 +109,7 @@ def test_shared_prompt_packing():
 
     sizes = [(5, 3, 6), (2, 9, 1), (7, 4, 4), (3, 2, 8)]  # prompt, chosen, rejected tokens
     pairs = [TokenizedPair(ids(m), ids(c), ids(r), i) for i, (m, c, r) in enumerate(sizes)]
-    (batch,) = pack_pairs(pairs, max_tokens=80, layout="shared_prompt")
+    (batch,) = pack_pairs(pairs, max_tokens=80, packing="shared_prompt")
     hidden = torch.randn(batch.input_ids.numel(), D, generator=g, requires_grad=True)
     weight = torch.randn(V, D, generator=g, requires_grad=True)
     assert len(set(batch.score.hidden_index.tolist())) < batch.score.hidden_index.numel()

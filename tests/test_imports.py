@@ -2,20 +2,34 @@
 
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = sorted(f"simpo.{p.stem}" for p in (ROOT / "simpo").glob("*.py") if p.stem != "__init__")
-SCRIPTS = sorted(p for p in [ROOT / "train.py", ROOT / "eval.py", *ROOT.glob("bench/*.py")])
+MODULES = sorted(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for p in (ROOT / "simpo").rglob("*.py")
+    if p.name != "__main__.py"
+)
+SCRIPTS = sorted(
+    p for p in [ROOT / "train.py", ROOT / "eval.py", ROOT / "onpolicy.py", *ROOT.glob("bench/*.py")]
+)
 
 
 def test_package_has_the_design_modules():
     expected = {"config", "model", "attention", "checkpoint", "tokenizer", "data", "packing"}
-    expected |= {"logprobs", "losses", "dist", "generate"}
-    assert expected <= {m.split(".")[1] for m in MODULES}
+    expected |= {"logprobs", "losses", "world", "fsdp", "hf", "step", "generate", "demo"}
+    assert expected <= {m.split(".")[1] for m in MODULES if "." in m}
+
+
+def test_training_code_does_not_import_the_demo():
+    """simpo.demo drives train.py/eval.py; nothing but train.py's fill-in step imports it."""
+    for p in (ROOT / "simpo").glob("*.py"):
+        imports = re.findall(r"^\s*(?:from|import) (simpo\.demo\S*)", p.read_text(), re.M)
+        assert not imports, f"{p.name} imports the demo package ({imports})"
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,4 @@
-"""Loss math with the arithmetic written out (DESIGN.md section 1), plus the dispatcher.
+"""Loss math with the arithmetic written out (docs/design.md §1), plus the dispatcher.
 
 Notation: w/l = chosen/rejected; sp(x) = −log σ(x) = log(1 + e^−x); sp(−x) = sp(x) + x.
 """
@@ -276,6 +276,27 @@ def test_compute_loss_interleaving_and_metrics():
     assert m["rewards/accuracies"].tolist() == [1.0, 1.0]
     _, m = compute_loss(cfg(name="dpo", beta=0.1), s, n, torch.zeros(4).double())
     assert m["logps/chosen"].tolist() == [-4.0, -1.0]  # sums: what DPO sees
+
+
+def test_dpo_first_step_tie_is_not_accurate():
+    """Policy == reference (DPO's first step): every reward is exactly 0, a tie, and the
+    accuracy is 0.0 (strict `>`, as TRL's and the official trainer's `chosen > rejected`)."""
+    s, n = random_pairs()
+    for name in ("dpo", "ipo", "hinge", "rdpo"):
+        _, m = compute_loss(cfg(name=name, beta=0.1), s, n, s.clone(), n)
+        assert m["rewards/margins"].tolist() == [0.0] * 6, name
+        assert m["rewards/accuracies"].tolist() == [0.0] * 6, name
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_identical_chosen_and_rejected_is_not_accurate(name):
+    """A pair whose two responses score alike ties under every loss: accuracy 0.0, not 1.0."""
+    s, n = random_pairs()
+    s, n = s[0::2].repeat_interleave(2), n[0::2].repeat_interleave(2)  # rejected := chosen
+    ref = (s - 1.0) if get_loss(name).needs_reference else None
+    _, m = compute_loss(cfg(name=name, beta=2.0), s, n, ref)
+    assert m["rewards/chosen"].tolist() == m["rewards/rejected"].tolist()
+    assert m["rewards/accuracies"].tolist() == [0.0] * 6
 
 
 def test_compute_loss_sft_and_sft_weight():

@@ -11,8 +11,10 @@ import torch
 from hf_tiny import FAMILIES, cached_tiny_hf, load_hf, one_thread  # noqa: F401
 
 import simpo.model
+from simpo.demo.tiny import tiny_args, tiny_hf_config
+from simpo.hf import hf_config_dict, load_model, read_hf_config
 from simpo.logprobs import DEFAULT_CHUNK_BYTES, ScoreIndex, response_logprobs
-from simpo.model import ModelArgs, Transformer, tiny_args, tiny_hf_config
+from simpo.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +49,7 @@ def test_logits_match_transformers(family: str, overrides: dict) -> None:
     ids, pos = _inputs(family, overrides.get("vocab_size", 256), "rope_scaling" in overrides)
     ref = _hf_logits(path, ids, pos)
     with torch.no_grad():
-        ours = Transformer.from_pretrained(path)(ids, pos)
+        ours = load_model(path)(ids, position_ids=pos)
     diff = (ours - ref).abs().max().item()
     print(f"parity {family} {overrides}: max |logit diff| = {diff:.2e}")
     assert diff < 1e-4
@@ -58,7 +60,10 @@ SWITCHES = [
     ("llama3", dict(rope_scaling=None)),
     ("mistral", dict(sliding_window=None)),
     ("qwen2", dict(sliding_window=None)),
-    ("gemma", dict(model_type="llama")),  # (1 + w) norms, sqrt(dim) embedding, GeGLU
+    ("gemma", dict(norm_plus_one=False)),
+    ("gemma", dict(scale_embeddings=False)),
+    ("gemma", dict(mlp_act="silu")),
+    ("gemma2", dict(sandwich_norm=False)),
     ("gemma2", dict(attn_softcap=None)),
     ("gemma2", dict(final_softcap=None)),
     ("gemma2", dict(sliding_window=None)),
@@ -69,12 +74,23 @@ SWITCHES = [
 @pytest.mark.parametrize(("family", "change"), SWITCHES, ids=str)
 def test_distinguishing_options_matter(family: str, change: dict) -> None:
     path = cached_tiny_hf(family)
-    model = Transformer.from_pretrained(path)
+    model = load_model(path)
     off = Transformer(dataclasses.replace(model.args, **change))
-    off.load_state_dict(model.state_dict())
+    off.load_state_dict(model.state_dict(), strict="sandwich_norm" not in change)
     ids, pos = _inputs(family)
     with torch.no_grad():
-        assert (model(ids, pos) - off(ids, pos)).abs().max() > 1e-2
+        assert (model(ids, position_ids=pos) - off(ids, position_ids=pos)).abs().max() > 1e-2
+
+
+def test_the_model_reads_features_not_family_names() -> None:
+    """model_type is metadata for writing config.json: the same features under another family
+    name give bit-identical logits."""
+    model = load_model(cached_tiny_hf("gemma2"))
+    renamed = Transformer(dataclasses.replace(model.args, model_type="llama"))
+    renamed.load_state_dict(model.state_dict())
+    ids, pos = _inputs("gemma2")
+    with torch.no_grad():
+        assert torch.equal(model(ids, position_ids=pos), renamed(ids, position_ids=pos))
 
 
 def _as_v4(cfg: dict) -> dict:
@@ -94,13 +110,14 @@ def test_both_config_generations_parse_alike(family: str) -> None:
     pytest.importorskip("transformers")
     v5 = json.loads((cached_tiny_hf(family) / "config.json").read_text())
     assert "rope_parameters" in v5
-    assert ModelArgs.from_hf_config(_as_v4(v5)) == ModelArgs.from_hf_config(v5)
+    assert read_hf_config(_as_v4(v5)) == read_hf_config(v5)
 
 
 def test_config_details() -> None:
     g2 = tiny_args("gemma2", num_hidden_layers=4)
     assert g2.windows == [8, None, 8, None]  # even layers slide
-    assert g2.tie_word_embeddings and g2.gemma
+    assert g2.tie_word_embeddings and g2.norm_plus_one and g2.scale_embeddings and g2.sandwich_norm
+    assert g2.mlp_act == "gelu_tanh" and tiny_args("gemma").sandwich_norm is False
     qwen = tiny_args("qwen2", num_hidden_layers=3, max_window_layers=2)
     assert qwen.windows == [None, None, 8] and qwen.qkv_bias and not qwen.o_bias
     assert tiny_args("qwen2", use_sliding_window=False).windows == [None, None]
@@ -108,7 +125,7 @@ def test_config_details() -> None:
     assert v5.rope_theta == 5e5 and v5.rope_scaling is None
     args = tiny_args("llama3", torch_dtype="bfloat16")
     assert args.dtype == "bfloat16" and args.rope_scaling["rope_type"] == "llama3"
-    assert ModelArgs.from_hf_config(args.to_hf_config()) == args
+    assert read_hf_config(hf_config_dict(args)) == args
 
 
 @pytest.mark.parametrize(
@@ -127,13 +144,13 @@ def test_config_details() -> None:
 )
 def test_bad_config_is_a_clear_error(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        ModelArgs.from_hf_config(tiny_hf_config("llama", **change))
+        read_hf_config(tiny_hf_config("llama", **change))
 
 
 def test_config_file_error_names_the_file(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config(model_type="bert")))
     with pytest.raises(ValueError, match=r"config\.json.*'model_type' is 'bert'"):
-        ModelArgs.from_hf_config(tmp_path)
+        read_hf_config(tmp_path)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -142,8 +159,8 @@ def test_bf16_close_to_fp32(family: str) -> None:
     path = cached_tiny_hf(family)
     ids, pos = _inputs(family)
     with torch.no_grad():
-        ref = Transformer.from_pretrained(path)(ids, pos)
-        low = Transformer.from_pretrained(path, dtype=torch.bfloat16)(ids, pos)
+        ref = load_model(path)(ids, position_ids=pos)
+        low = load_model(path, dtype=torch.bfloat16)(ids, position_ids=pos)
     assert low.dtype == torch.bfloat16
     diff = (low.float() - ref).abs().max().item()
     print(f"bf16 {family}: max |logit diff| = {diff:.3f} (max |logit| {ref.abs().max():.2f})")
@@ -172,13 +189,22 @@ def test_score_path_equals_logits(family: str) -> None:
     targets = ids.flatten()[hidden_index + 1]
     response_ids = torch.cat([torch.zeros(5, dtype=torch.long), torch.ones(18, dtype=torch.long)])
     score = ScoreIndex(hidden_index, targets, response_ids, 2)
-    total, count = model(ids, pos, score=score)
-    lp = torch.log_softmax(model(ids, pos).flatten(0, 1).double(), -1)[hidden_index, targets]
+    total, count = model(ids, score=score, position_ids=pos)
+    lp = torch.log_softmax(model(ids, position_ids=pos).flatten(0, 1).double(), -1)[
+        hidden_index, targets
+    ]
     want = torch.zeros(2, dtype=torch.float64).index_add_(0, response_ids, lp)
     torch.testing.assert_close(total.double(), want, atol=1e-4, rtol=1e-5)
     assert count.tolist() == [5, 18]
-    total.sum().backward()  # the fused head runs inside forward, tied weight included
-    assert model.head_weight.grad is not None
+    # the fused head runs inside forward: its backward (tied weight included) equals autograd
+    # through the full logits, for every parameter
+    params = list(model.parameters())
+    got = torch.autograd.grad(total.sum(), params)
+    ref = torch.autograd.grad(want.sum(), params)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r.float(), atol=1e-5, rtol=1e-4)
+    head = next(g for p, g in zip(params, got, strict=True) if p is model.head_weight)
+    assert head.abs().max() > 0.1  # not a vacuous zeros == zeros
 
 
 def test_logits_chunk_bytes_reaches_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,9 +221,9 @@ def test_logits_chunk_bytes_reaches_the_kernel(monkeypatch: pytest.MonkeyPatch) 
     model.init_weights(seed=0, std=0.1)
     ids, pos = _inputs("llama")
     score = ScoreIndex(torch.arange(4, 20), ids.flatten()[5:21], torch.arange(16) // 9, 2)
-    default, _ = model(ids, pos, score=score)
+    default, _ = model(ids, score=score, position_ids=pos)
     assert seen["chunk_bytes"] == DEFAULT_CHUNK_BYTES
     model.logits_chunk_bytes = 1  # one row per chunk
-    small, _ = model(ids, pos, score=score)
+    small, _ = model(ids, score=score, position_ids=pos)
     assert seen["chunk_bytes"] == 1
     torch.testing.assert_close(small, default)

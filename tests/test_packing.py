@@ -7,7 +7,7 @@ import torch
 
 from simpo.data import TokenizedPair
 from simpo.packing import (
-    LAYOUTS,
+    PACKINGS,
     PackedBatch,
     empty_batch,
     pack_pairs,
@@ -68,7 +68,7 @@ def test_shared_prompt_arrays_written_out():
 
 
 def test_plain_and_padded_arrays_written_out():
-    (plain,) = pack_pairs([A], max_tokens=16, layout="plain")
+    (plain,) = pack_pairs([A], max_tokens=16, packing="plain")
     assert arrays(plain) == {
         "ids": [[1, 2, 3, 4, 5, 1, 2, 3, 6]],
         "doc": [[0, 0, 0, 0, 0, 1, 1, 1, 1]],
@@ -78,7 +78,7 @@ def test_plain_and_padded_arrays_written_out():
         "targets": [4, 5, 6],
         "response": [0, 0, 1],
     }
-    (padded,) = pack_pairs([A], max_tokens=16, layout="padded")
+    (padded,) = pack_pairs([A], max_tokens=16, packing="padded")
     assert arrays(padded) == {
         "ids": [[1, 2, 3, 4, 5], [1, 2, 3, 6, 0]],
         "doc": [[0, 0, 0, 0, 0], [1, 1, 1, 1, -1]],
@@ -118,10 +118,10 @@ def test_mask_rule_is_two_causal_sequences_per_pair(window: int | None):
         assert torch.equal(b.layout.dense_mask(window)[:, 0], tree)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_score_triples_point_at_the_right_tokens(layout: str):
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_score_triples_point_at_the_right_tokens(packing: str):
     pairs = random_pairs(30, seed=2)
-    batches = pack_pairs(pairs, max_tokens=1024, layout=layout, rows_per_batch=2)
+    batches = pack_pairs(pairs, max_tokens=1024, packing=packing, rows_per_batch=2)
     seen = []
     for b in batches:
         flat_ids, flat_pos = b.input_ids.flatten(), b.layout.position_ids.flatten()
@@ -146,14 +146,14 @@ def test_score_triples_point_at_the_right_tokens(layout: str):
 
 def test_best_fit_fill_and_row_limits():
     pairs = random_pairs(400, seed=3, max_prompt=200, max_resp=700)
-    for layout in ("shared_prompt", "plain"):
-        batches = pack_pairs(pairs, max_tokens=2048, layout=layout, rows_per_batch=4)
+    for packing in ("shared_prompt", "plain"):
+        batches = pack_pairs(pairs, max_tokens=2048, packing=packing, rows_per_batch=4)
         stats = pack_stats(batches, 2048, rows_per_batch=4)
         assert stats.fill > 0.9, stats
         assert stats.num_pairs == 400
-        assert stats.real_tokens == sum(pair_tokens(p, layout) for p in pairs)
+        assert stats.real_tokens == sum(pair_tokens(p, packing) for p in pairs)
         assert all(b.input_ids.shape[0] <= 4 and b.input_ids.shape[1] <= 2048 for b in batches)
-    padded = pack_pairs(pairs, max_tokens=2048, layout="padded", rows_per_batch=4)
+    padded = pack_pairs(pairs, max_tokens=2048, packing="padded", rows_per_batch=4)
     assert all(b.input_ids.numel() <= 4 * 2048 for b in padded)
     assert torch.cat([b.pair_index for b in padded]).tolist() == [p.index for p in pairs]
     assert pack_stats(padded, 2048, 4).fill < 0.75 < stats.fill
@@ -162,18 +162,18 @@ def test_best_fit_fill_and_row_limits():
 def test_too_long_pair_and_empty_response_are_errors():
     with pytest.raises(ValueError, match=r"pair 1 needs 7 tokens .* max_tokens is 6.*max_length"):
         pack_pairs([A, B], max_tokens=6)
-    with pytest.raises(ValueError, match=r"pair 0 needs 10 tokens in the 'padded' layout"):
-        pack_pairs([A], max_tokens=9, layout="padded")
+    with pytest.raises(ValueError, match=r"pair 0 needs 10 tokens with packing .padded."):
+        pack_pairs([A], max_tokens=9, packing="padded")
     with pytest.raises(ValueError, match=r"pair 5: .*at least one token \(got 3, 2, 0\)"):
         pack_pairs([TokenizedPair([1, 2, 3], [4, 5], [], index=5)], max_tokens=16)
-    with pytest.raises(ValueError, match="unknown packing layout 'rows'"):
-        pack_pairs([A], max_tokens=16, layout="rows")
+    with pytest.raises(ValueError, match="unknown packing .rows."):
+        pack_pairs([A], max_tokens=16, packing="rows")
 
 
 def test_deterministic():
     pairs = random_pairs(50, seed=4)
-    for layout in LAYOUTS:
-        one, two = (pack_pairs(pairs, 1500, layout, rows_per_batch=2) for _ in range(2))
+    for packing in PACKINGS:
+        one, two = (pack_pairs(pairs, 1500, packing, rows_per_batch=2) for _ in range(2))
         assert [arrays(b) for b in one] == [arrays(b) for b in two]
 
 

@@ -7,8 +7,8 @@ import string
 
 import pytest
 
+from simpo.demo.synthetic import TASKS, final_answer, synthetic_rows, write_synthetic_prefs
 from simpo.readers import Fields, detect_format, to_example
-from simpo.synthetic import TASKS, final_answer, synthetic_rows, write_synthetic_prefs
 
 # written out here, independently of simpo.synthetic
 OPPOSITE = dict(

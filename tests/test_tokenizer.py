@@ -1,5 +1,6 @@
 """Tokenizer: SentencePiece (trained here, and the real Mistral model when ../shared has it),
-tokenizer.json through `tokenizers`, special tokens from config files, loud failures."""
+tokenizer.json through `tokenizers`, special tokens from config files, loud failures.
+(Token-for-token equality with transformers: tests/test_official_pipeline.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 from sp_helpers import MISTRAL_MODEL, corpus, train_tokenizer
 
-from simpo.templates import QWEN2_SYSTEM
+from simpo.templates import CHATML_BOS_JINJA, QWEN2
 from simpo.tokenizer import Tokenizer, TokenizerError
 
 TEXTS = ["Hello world", "  leading and  double  spaces\n\n", "東京 🙂 café", "x**2 [INST]", ""]
@@ -24,9 +25,15 @@ def tok(tmp_path_factory):
 def test_trained_tokenizer(tok):
     assert {f.name for f in tok.files} == {"tokenizer.model", "tokenizer_config.json"}
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 3, 400)
-    assert tok.chat_template == "chatml"
+    assert tok.chat_template == CHATML_BOS_JINJA
     assert tok.stop_ids == [tok.eos_id, tok.token_id("<|im_end|>")]
-    assert tok.eos_token == "</s>"
+    assert tok.eos_token == "</s>" and tok.bos_token == "<s>"
+    assert tok.special_tokens == {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+    }
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -59,6 +66,29 @@ def test_special_tokens(tok):
         tok.token_id("<nope>")
 
 
+def test_encode_chat_parses_special_tokens(tok):
+    """A rendered template: special-token text becomes the token, the text between is encoded
+    as `encode` does, except that text at the very start gets the model's dummy-prefix space
+    (transformers' "first" prepend scheme; "legacy": true puts it before every piece)."""
+    im_start, im_end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
+    text = "<s><|im_start|>user\nhi <unk>there<|im_end|>\n</s>"
+    want = [tok.bos_id, im_start, *tok.encode("user\nhi "), 0, *tok.encode("there"), im_end]
+    assert tok.encode_chat(text) == [*want, *tok.encode("\n"), tok.eos_id]
+    assert tok.encode_chat("plain text") == tok.encode(" plain text")
+    assert tok.encode_chat(" spaced") == tok.encode(" spaced")  # no second space
+    assert tok.encode_chat("a</s>b") == [*tok.encode(" a"), tok.eos_id, *tok.encode("b")]
+    assert tok.decode(tok.encode_chat(text)) == text.replace("<unk>", " \u2047 ")
+
+
+def test_legacy_prefix_before_every_piece(tok, tmp_path):
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "</s>", "legacy": True})
+    )
+    legacy = Tokenizer.from_dir(tmp_path)
+    assert legacy.encode_chat("a</s>b") == [*tok.encode(" a"), tok.eos_id, *tok.encode(" b")]
+
+
 def test_encoding_to_nothing_raises(tok, monkeypatch):
     monkeypatch.setattr(tok._backend, "encode", lambda text: [])
     with pytest.raises(TokenizerError, match="encoded 'Hello' to no tokens"):
@@ -76,7 +106,7 @@ def test_save_reload_and_pickle(tok, tmp_path):
 
 def test_bare_model_file_reads_no_configs(tok, tmp_path):
     bare = Tokenizer.from_dir(tok.files[0])
-    assert bare.files == [tok.files[0]] and bare.chat_template is None
+    assert bare.files == [tok.files[0]] and bare.chat_template is None and bare.model_type is None
     assert (bare.bos_id, bare.eos_id, bare.pad_id) == (1, 2, 3)  # from the model itself
     bare.save(tmp_path)  # writes a minimal tokenizer_config.json
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
@@ -89,25 +119,34 @@ def test_config_files_decide_special_tokens(tok, tmp_path):
         "eos_token": "<|im_end|>",
         "pad_token": None,
         "added_tokens_decoder": {"500": {"content": "<tool>", "special": True}},
-        "chat_template": [{"name": "default", "template": "<start_of_turn>"}],
+        "chat_template": [
+            {"name": "tool_use", "template": "{{ tools }}"},
+            {"name": "default", "template": "{{ '<start_of_turn>' }}x<end_of_turn>"},
+        ],
     }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     t = Tokenizer.from_dir(tmp_path)
     assert (t.bos_id, t.eos_id, t.eos_token) == (1, tok.token_id("<|im_end|>"), "<|im_end|>")
     assert t.pad_id == t.eos_id  # an explicit null pad falls back to EOS
-    assert t.chat_template == "gemma"
-    assert t.stop_ids == [t.eos_id, 2, 7, t.token_id("<end_of_turn>")]
+    assert t.chat_template == "{{ '<start_of_turn>' }}x<end_of_turn>"
+    assert t.stop_ids == [t.eos_id, 2, 7, t.token_id("<end_of_turn>")]  # the template's turn end
     assert t.token_id("<tool>") == 500 and t.vocab_size == 501
     assert t.decode([500, *t.encode("a")]) == "<tool>a"
+    assert t.encode_chat("a<tool>") == [*t.encode(" a"), 500]  # added tokens split the text
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'json' }}"}))
+    assert Tokenizer.from_dir(tmp_path).chat_template == "{{ 'json' }}"  # beats the config
     (tmp_path / "chat_template.jinja").write_text("{{ '<|start_header_id|>' }}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     t = Tokenizer.from_dir(tmp_path)
-    assert t.bos_id is None and t.chat_template == "llama3"
+    # BOS stays known without add_bos_token: templates and conventions place it
+    assert t.bos_id == 1 and t.chat_template == "{{ '<|start_header_id|>' }}"
+    assert t.model_type == "llama"
 
 
 def test_missing_files(tmp_path):
-    with pytest.raises(TokenizerError, match="neither tokenizer.model nor tokenizer.json"):
+    with pytest.raises(TokenizerError, match="neither tokenizer.json nor tokenizer.model"):
         Tokenizer.from_dir(tmp_path)
     with pytest.raises(TokenizerError, match="expected a directory"):
         Tokenizer.from_dir(tmp_path / "vocab.txt")
@@ -138,30 +177,48 @@ def _hf_tokenizer(prepend: bool):
 def test_tokenizer_json(tmp_path):
     hf = _hf_tokenizer(prepend=False)
     hf.save(str(tmp_path / "tokenizer.json"))
-    template = "{{ '<|im_start|>system\\n" + QWEN2_SYSTEM + "' }}"  # Qwen2's default system turn
-    config = {"bos_token": None, "eos_token": "<|im_end|>", "chat_template": template}
+    config = {"bos_token": None, "eos_token": "<|im_end|>", "chat_template": QWEN2}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     t = Tokenizer.from_dir(tmp_path)
-    assert (t.bos_id, t.eos_id, t.stop_ids, t.chat_template) == (None, 2, [2, 0], "qwen2")
+    assert (t.bos_id, t.eos_id, t.stop_ids, t.chat_template) == (None, 2, [2, 0], QWEN2)
     assert t.vocab_size == hf.get_vocab_size()
     for text in TEXTS:
         assert t.decode(t.encode(text)) == text
+        assert t.encode(text) == hf.encode(text, add_special_tokens=False).ids
     assert 2 not in t.encode("a <|im_end|> b")  # special text inside a message stays text
+    assert t.encode_chat("a <|im_end|> b").count(2) == 1  # ... and is the token when rendered
     assert t.decode([1, *t.encode("hi"), 2], skip_special=True) == "hi"
 
 
-def test_tokenizer_json_with_prefix_space_is_refused(tmp_path):
-    _hf_tokenizer(prepend=True).save(str(tmp_path / "tokenizer.json"))
+def test_tokenizer_json_is_preferred_over_tokenizer_model(tok, tmp_path):
+    """transformers' AutoTokenizer reads tokenizer.json when a checkpoint ships both."""
+    tok.save(tmp_path)
+    _hf_tokenizer(prepend=False).save(str(tmp_path / "tokenizer.json"))
+    config = {"bos_token": None, "eos_token": "<|im_end|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    t = Tokenizer.from_dir(tmp_path)
+    assert t.files[0].name == "tokenizer.json" and t.eos_id == 2 and t.bos_id is None
+    assert t.encode("the model") != tok.encode("the model")
+
+
+def test_tokenizer_json_with_prefix_space(tmp_path):
+    """A Metaspace tokenizer.json (Llama-2 / Mistral style) adds "▁" before a call's text, as
+    the fast tokenizer does; both encodings keep it."""
+    hf = _hf_tokenizer(prepend=True)
+    hf.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    with pytest.raises(TokenizerError, match="does not round-trip"):
-        Tokenizer.from_dir(tmp_path)
+    t = Tokenizer.from_dir(tmp_path)
+    for text in ("Hello world", "the model"):
+        want = hf.encode(text, add_special_tokens=False).ids
+        assert t.encode(text) == t.encode_chat(text) == want
+        assert hf.id_to_token(want[0]).startswith("\u2581")
 
 
 def test_tokenizers_package_missing(tmp_path, monkeypatch):
     (tmp_path / "tokenizer.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    with pytest.raises(TokenizerError, match=r"pip install tokenizers .*simpo\[tokenizers\]"):
+    with pytest.raises(TokenizerError, match=r"needs the tokenizers package: pip install"):
         Tokenizer.from_dir(tmp_path)
 
 

@@ -11,8 +11,8 @@ from types import ModuleType
 import torch
 from safetensors.torch import load_file
 
-from simpo.synthetic import write_synthetic_prefs
-from simpo.tiny import build_tiny_model_dir, texts_from_file
+from simpo.demo.synthetic import write_synthetic_prefs
+from simpo.demo.tiny import build_tiny_model_dir, texts_from_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-cpu.toml"

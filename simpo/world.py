@@ -1,4 +1,4 @@
-"""torch.distributed plumbing: process group, rank-0 printing, FSDP2 model building, shutdown.
+"""Where this process sits in the job: process group, rank-0 printing, collectives, shutdown.
 
 `python train.py` and `torchrun train.py` take the same path: without torchrun's environment
 we start a one-rank group (an in-memory store, no port), so the model is always FSDP2-sharded
@@ -11,24 +11,16 @@ import gc
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-from simpo.checkpoint import load_state_into
-from simpo.hf_config import ModelArgs
-from simpo.model import Transformer
-
-PRECISIONS = ("bf16-mixed", "fp32", "bf16-pure")
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @dataclass(frozen=True)
-class Dist:
+class World:
     """Where this process sits: its rank, the world size and its device."""
 
     rank: int
@@ -42,24 +34,24 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
+def init_world() -> World:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU), or start a one-rank group."""
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group(backend, device_id=device if cuda else None)
     else:
-        rank, world, local = 0, 1, 0
+        rank, size, local = 0, 1, 0
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Dist(rank, world, local, device, init_device_mesh(device.type, (world,)))
+    return World(rank, size, local, device, init_device_mesh(device.type, (size,)))
 
 
 def shutdown(clean: bool = True) -> None:
@@ -106,66 +98,31 @@ def all_gather_rows(t: Tensor) -> Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
-def parallelize(
-    model: Transformer,
-    mesh: DeviceMesh,
-    precision: str,
-    activation_checkpointing: bool,
-    compile_blocks: bool = False,
-) -> Transformer:
-    """Activation checkpointing, then `fully_shard` per block, then the root (torchtitan order).
+@torch.no_grad()
+def copy_full_(param: Tensor, full: Tensor) -> None:
+    """Copy a full (unsharded) tensor into `param`, converting dtype and device.
 
-    Call on a model built on `meta`; `to_empty` and loading come after. bf16-mixed: FSDP casts
-    the fp32 master parameters to bf16 for compute and reduces gradients in fp32.
+    A DTensor parameter (FSDP2) receives its own shard; every rank holds the same `full`, so
+    no communication is needed (src_data_rank=None).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    # Inputs are ids and a Layout (int tensors) and bf16 activations from the previous unit:
-    # nothing to cast (and FSDP's input cast would rebuild the Layout dataclass, dropping its
-    # cached masks).
-    mixed = precision == "bf16-mixed"
-    mp = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if mixed else None,
-        reduce_dtype=torch.float32 if mixed else None,
-        cast_forward_inputs=False,
-    )
-    for i, block in enumerate(model.layers):
-        if activation_checkpointing:  # recompute the block in backward; keeps HF state_dict names
-            block = checkpoint_wrapper(block)
-        if compile_blocks:
-            block.compile()
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-        model.layers[i] = block
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # embedding, final norm, head: one unit
-    return model
+    full = full.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full)
 
 
-def build_model(
-    path: str | Path,
-    d: Dist,
-    precision: str,
-    activation_checkpointing: bool = False,
-    compile_blocks: bool = False,
-    attention: str = "auto",
-    trainable: bool = True,
-) -> Transformer:
-    """An FSDP2-sharded Transformer with the HF checkpoint at `path` loaded shard by shard.
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """Copy a host tensor to `device` without making the host wait for the device.
 
-    Built on `meta`, so no rank ever holds the full model: every rank reads one tensor at a
-    time from the (memory-mapped) safetensors files and keeps its own shard. Parameters are
-    fp32 (master weights) except for bf16-pure. `trainable=False` gives a frozen copy in eval
-    mode (the live DPO reference).
+    A plain `.to("cuda")` from pageable memory is a synchronous copy: the host waits until
+    the GPU has drained its queue. Pinned memory plus `non_blocking` queues the copy behind
+    the running kernels instead (the caching host allocator keeps the pinned buffer alive
+    until the copy is done). A no-op for a tensor already on `device`.
     """
-    args = ModelArgs.from_hf_config(Path(path) / "config.json")
-    args.attn_backend = attention
-    dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
-    with torch.device("meta"):
-        model = Transformer(args).to(dtype)
-    model.requires_grad_(trainable)
-    parallelize(model, d.mesh, precision, activation_checkpointing and trainable, compile_blocks)
-    model.to_empty(device=d.device)
-    load_state_into(model, path)
-    return model.train(trainable)
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def unwrap_norm(t: Tensor) -> float:

@@ -9,14 +9,19 @@ longer one (92% of pairs in AlpacaEval's). A method that rewards length is there
 and held-out accuracy split by which response is longer shows whether it gave in.
 
 Rows are UltraFeedback-style (`prompt`, `chosen` / `rejected` message lists) plus `task`.
+`reward(prompt, response)` checks an answer from the question's text alone (a verifiable
+reward for on-policy data, `onpolicy.py --reward simpo.demo.synthetic:reward`).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
+
+from simpo.runfiles import write_atomic
 
 # Probability that the chosen / rejected response is padded with filler sentences.
 P_VERBOSE_CHOSEN = 0.6
@@ -160,7 +165,43 @@ def write_synthetic_prefs(path: str | Path, num_pairs: int, seed: int) -> Path:
     """Write `num_pairs` synthetic preference rows as jsonl to `path` (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in synthetic_rows(num_pairs, seed):
-            f.write(json.dumps(row) + "\n")
+    text = "".join(json.dumps(row) + "\n" for row in synthetic_rows(num_pairs, seed))
+    write_atomic(path, text)  # a run killed here must not leave a shorter data file to reuse
     return path
+
+
+_QUESTIONS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
+    (re.compile(r"What is (\d+) \+ (\d+)\?"), lambda m: str(int(m[1]) + int(m[2]))),
+    (re.compile(r"Which is larger, (\d+) or (\d+)\?"), lambda m: str(max(int(m[1]), int(m[2])))),
+    (re.compile(r"Which is smaller, (\d+) or (\d+)\?"), lambda m: str(min(int(m[1]), int(m[2])))),
+    (re.compile(r"What (letter|day|month) comes after (\w+)\?"), lambda m: _after(m[1], m[2])),
+    (re.compile(r"Is (\d+) even or odd\?"), lambda m: "odd" if int(m[1]) % 2 else "even"),
+    (
+        re.compile(r"Sort these numbers from smallest to largest: ([\d, ]+)\."),
+        lambda m: ", ".join(sorted(m[1].split(", "), key=int)),
+    ),
+    (re.compile(r"What is the plural of (\w+)\?"), lambda m: PLURALS[m[1]]),
+    (re.compile(r"What is the opposite of (\w+)\?"), lambda m: OPPOSITES[m[1]]),
+)
+
+
+def _after(noun: str, item: str) -> str:
+    items = {"letter": LETTERS, "day": DAYS, "month": MONTHS}[noun]
+    return items[(items.index(item) + 1) % len(items)]
+
+
+def solve(prompt: str) -> str:
+    """The right answer to a question of the task, computed from its text alone."""
+    for pattern, answer in _QUESTIONS:
+        if m := pattern.fullmatch(prompt):
+            try:
+                return answer(m)
+            except (KeyError, ValueError):
+                break
+    raise ValueError(f"not a question of the synthetic task: {prompt!r}")
+
+
+def reward(prompt: str, response: str) -> float:
+    """The task's checker, a verifiable reward (`onpolicy.py --reward simpo.demo.synthetic:reward`):
+    1.0 if the answer the response commits to is right, else 0.0."""
+    return float(final_answer(response) == solve(prompt))

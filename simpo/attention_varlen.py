@@ -1,4 +1,4 @@
-"""The per-document plan behind `attend`'s exact, mask-free SDPA path for packed rows.
+"""Per-document ("varlen") attention for packed rows: the plan behind `attend`'s SDPA path.
 
 Each document of a packed row is one contiguous span. A shared-prompt pair
 `[prompt | chosen | rejected]` is attended as two causal sequences, `[prompt | chosen]` and
@@ -11,7 +11,9 @@ band of that sequence's causal mask. Sequences of equal length share one batched
 The plan is pure index bookkeeping, built once per Layout (cached there, like the masks).
 Gathers use advanced indexing: its backward (index_put with accumulate) is several times
 faster on CPU than index_select's (index_add).
-A layout of any other shape gets no plan, and `attend` falls back to the dense mask.
+A packed layout of any other shape is an error (`LayoutError`, naming the row and the reason),
+never a silent switch to a dense (T, T) mask: the packer only makes plannable rows, so an
+unplannable one is a bug to see. `attention = "dense"` asks for the dense mask explicitly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+class LayoutError(ValueError):
+    """A packed layout the per-document path cannot plan; the message names the row."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,10 @@ def _doc_sequences(runs: list[tuple[int, int, int]]) -> list[tuple[list[range], 
 
 
 def build_doc_plan(doc_ids: Tensor, branch_ids: Tensor, position_ids: Tensor) -> DocPlan | None:
-    """The per-document plan of a layout (arrays (B, T)), or None if a row has another shape
-    (a document split over several spans, a prefix after a response, a repeated branch)."""
+    """The per-document plan of a layout (arrays (B, T)); None for an empty one (T = 0).
+
+    Raises LayoutError if a row has another shape: a document split over several spans, a
+    prefix after a response, a repeated branch."""
     device = doc_ids.device
     doc, branch, pos = (x.cpu() for x in (doc_ids, branch_ids, position_ids))
     B, T = doc.shape
@@ -91,13 +99,16 @@ def build_doc_plan(doc_ids: Tensor, branch_ids: Tensor, position_ids: Tensor) ->
             if d == -1:
                 continue
             if d in docs and d != last:
-                return None  # a document split in two spans
+                raise LayoutError(f"row {b}: document {d} is split over two spans")
             docs.setdefault(d, []).append((s, e, br))
             last = d
-        for runs in docs.values():
+        for d, runs in docs.items():
             seqs = _doc_sequences(runs)
             if seqs is None:
-                return None
+                raise LayoutError(
+                    f"row {b}: document {d} is not [prefix | branch 1 | branch 2 ...] "
+                    f"(branches in order: {[br for _, _, br in runs]})"
+                )
             packed |= len(docs) > 1 or len(seqs) > 1
             for spans, skip in seqs:
                 idx = torch.cat([torch.arange(r.start, r.stop) for r in spans])  # (L,)
@@ -120,7 +131,7 @@ def build_doc_plan(doc_ids: Tensor, branch_ids: Tensor, position_ids: Tensor) ->
     index_t, kept_t = torch.cat(index), torch.cat(kept)  # (N,), (B*T,)
     tokens = index_t[kept_t]  # the token of each used output
     if not torch.equal(tokens.sort().values, torch.arange(B * T)):
-        return None  # some token is not computed exactly once
+        raise LayoutError("some token would not be computed exactly once")
     inverse = torch.empty_like(kept_t)
     inverse[tokens] = kept_t
     return DocPlan(index_t.to(device), tuple(groups), inverse.to(device), consecutive, packed)
