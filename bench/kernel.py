@@ -19,7 +19,7 @@ rows follow from the byte budget and are capped at 1/6 of one block (`chunk_rows
 d weight). Workers run with `MALLOC_MMAP_THRESHOLD_=65536` (MALLOC_ENV), one thread each.
 
     python bench/kernel.py                  # time: V 256k, D 2048, N 1024 and 2048 (~40 min)
-    python bench/kernel.py --quick          # V 32k, D 512, N 512 and 1024, plus a quick curve
+    python bench/kernel.py --quick          # V 32k, D 512, N 512 and 1024; curve at V 32k
     python bench/kernel.py --curve          # memory: N 1k..32k x V 32k..256k at D 64
 """
 
@@ -253,7 +253,7 @@ def main() -> None:
         sizes = [int(s) for s in (args.sizes if args.curve and args.sizes else
                                   ("1024,2048" if args.quick else full)).split(",")]  # fmt: skip
         vocab_list = args.vocab if args.curve and args.vocab else "32000,256000"
-        vocab_list = "32000,128000" if args.quick and not args.vocab else vocab_list
+        vocab_list = "32000" if args.quick and not args.vocab else vocab_list
         vocabs = [int(v) for v in vocab_list.split(",")]
         dim = args.dim if args.curve and args.dim else 64
         response = args.response if args.curve and args.response else 256

@@ -50,12 +50,14 @@ class FusedLoss(NamedTuple):
     counts: Tensor  # (R,) scored tokens per response
 
 
-def pair_loss(cfg: Any) -> PairLoss:
+def pair_loss(cfg: Any, check_counts: bool = True) -> PairLoss:
     """`simpo.losses.compute_loss` for `cfg` (a LossConfig) as a PairLoss: per-pair losses,
-    `sft_weight` term included (the metrics come from `FusedLoss.sums` afterwards)."""
+    `sft_weight` term included (the metrics come from `FusedLoss.sums` afterwards).
+    `check_counts=False` skips compute_loss's empty-response check, a host sync per chunk on
+    a GPU (the training step's packer already guarantees every response a token)."""
     from simpo.losses import compute_loss
 
-    return lambda s, n, rs, rn: compute_loss(cfg, s, n, rs, rn)[0]
+    return lambda s, n, rs, rn: compute_loss(cfg, s, n, rs, rn, check_counts=check_counts)[0]
 
 
 class ChunkPlan(NamedTuple):
@@ -154,6 +156,7 @@ def _fused_pass(
     rows: int,
     pair_ends: list[int],  # (P,) host: token offset where each pair ends
     need: tuple[bool, bool],  # grads for hidden, weight
+    logit_sums: Tensor | None = None,  # (R,) per response: sum of mean logits, in place
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Per-pair losses (P,), per-response sums (R,), and the head's grads of scale * sum of
     the losses: d hidden (N_h, D) and d weight (V, D) in the accumulation dtype (or None)."""
@@ -178,6 +181,9 @@ def _fused_pass(
         tgt = targets[idx]  # (c,)
         z = logits_chunk_(hidden[hidden_index[idx]], weight, buf[: len(tgt)], softcap)
         target_logit = z.gather(1, tgt[:, None]).squeeze(1)  # (c,)
+        if logit_sums is not None:  # the official trainer's logits/* metric (no gradient)
+            mean_logit = z.mean(dim=1) * (1.0 if softcap is None else softcap)  # (c,)
+            logit_sums.index_add_(0, response_ids[idx], mean_logit.to(logit_sums.dtype))
         if softcap is not None:
             target_logit = target_logit * softcap
         lse_c, prob_scale = lse_chunk_(z, softcap)
@@ -223,7 +229,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         pair_losses, sums, grad_hidden, grad_weight = _fused_pass(x, *options)
         ctx.grads = (grad_hidden, grad_weight)  # handed out (and dropped) by the backward
         ctx.save_for_backward(*(t for t in x if t is not None))
-        ctx.rerun = (tuple(t is None for t in x), options)  # for a second backward
+        ctx.rerun = (tuple(t is None for t in x), options[:-1])  # for a second backward
         ctx.mark_non_differentiable(pair_losses, sums)
         return options[1] * pair_losses.sum(), pair_losses, sums
 
@@ -240,7 +246,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         hidden, weight = ctx.saved_tensors[:2]
         out = [None if g is None else g.mul_(grad_loss).to(t.dtype)
                for g, t in zip(grads, (hidden, weight), strict=True)]  # fmt: skip
-        return *out, *([None] * 12)
+        return *out, *([None] * 13)
 
 
 def fused_preference_loss(
@@ -255,6 +261,7 @@ def fused_preference_loss(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     chunk_size: int | None = None,
     response_lengths: Sequence[int] | None = None,
+    logit_sums: Tensor | None = None,
 ) -> FusedLoss:
     """lm_head + log-softmax + preference loss in one pass: `scale * sum_p loss_fn(pair p)`.
 
@@ -280,6 +287,9 @@ def fused_preference_loss(
         response_lengths: host-side scored tokens per response, if the caller has them (the
             packer does): saves the one device-to-host copy (of R counts) of this function.
             They must be right (checked on CPU only).
+        logit_sums: optional (R,) tensor; gets, per response, the sum over its scored tokens
+            of the mean (soft-capped) logit over the vocabulary, in place, without a gradient:
+            the official trainer's logits/* metric, as in `response_logprobs`.
 
     Returns:
         FusedLoss(loss (), pair_losses (P,), sums (R,), counts (R,)), fp32 (fp64 for fp64
@@ -306,10 +316,11 @@ def fused_preference_loss(
     pair_ends = list(
         accumulate(int(lengths[r] + lengths[r + 1]) for r in range(0, num_responses, 2))
     )
-    for ref in (ref_sums, ref_counts):
+    for ref in (ref_sums, ref_counts, logit_sums):
         if ref is not None and ref.shape != (num_responses,):
             raise ValueError(
-                f"reference sums/counts must be ({num_responses},), got {tuple(ref.shape)}"
+                f"reference sums/counts and logit_sums must be ({num_responses},), "
+                f"got {tuple(ref.shape)}"
             )
     need = (hidden.requires_grad and torch.is_grad_enabled(),
             weight.requires_grad and torch.is_grad_enabled())  # fmt: skip
@@ -317,6 +328,6 @@ def fused_preference_loss(
         hidden, weight, hidden_index, targets, response_ids, counts,
         None if ref_sums is None else ref_sums.detach(),
         None if ref_counts is None else ref_counts.detach(),
-        loss_fn, scale, softcap, rows, pair_ends, need,
+        loss_fn, scale, softcap, rows, pair_ends, need, logit_sums,
     )  # fmt: skip
     return FusedLoss(loss, pair_losses, sums, counts)

@@ -325,3 +325,18 @@ def test_frozen_inputs_and_no_grad(frozen):
         out = fused_preference_loss(hidden, weight, index, pair_loss(cfg), chunk_size=6)
     assert not out.loss.requires_grad
     torch.testing.assert_close(out.loss, want.detach())
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_logit_sums_metric(softcap):
+    """The official logits/* metric: per response, the sum of each token's mean (capped) logit;
+    long pairs' first tokens, scored twice, count once."""
+    hidden, weight, index, _ = make_case(shuffle=True)
+    got = torch.zeros(index.num_responses)
+    fused_preference_loss(hidden, weight, index, pair_loss(LOSSES["simpo"], check_counts=False),
+                          softcap=softcap, chunk_size=4, logit_sums=got)  # fmt: skip
+    logits = hidden[index.hidden_index].detach() @ weight.detach().t()  # (N, V)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    want = torch.zeros(index.num_responses).index_add_(0, index.response_ids, logits.mean(1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
