@@ -183,8 +183,9 @@ def train(cfg: Config, world: World) -> dict[str, float]:
             )  # this rank's share; all ranks get as many micro-batches (some maybe empty)
             try:
                 sums = train_step(
-                    model, micro, cfg.loss, tc.batch_size, world, reference, tc.grad_sync
-                )
+                    model, micro, cfg.loss, tc.batch_size, world, reference,
+                    grad_sync=tc.grad_sync, fused_loss=tc.fused_loss,
+                )  # fmt: skip
             except torch.OutOfMemoryError as e:
                 raise out_of_memory(step + 1, cfg, latest_checkpoint(ckpt_root)) from e
             max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf

@@ -15,7 +15,9 @@ bytes, its forward holds two blocks (logits and log-probs) and its backward thre
 log-probs and their incoming and outgoing gradients) before d weight exists, so subtracting
 G from its peak undercounts once G > B. The chunked paths hold one (chunk, V) buffer whose
 rows follow from the byte budget and are capped at 1/6 of one block (`chunk_rows`), i.e.
-<= 1/12 of naive's two. Results are checked equal (loss, d hidden, sampled rows of
+<= 1/12 of naive's two; the fused loss grows its chunk to the longest pair within the budget
+(`fused_chunk_rows`: no 4th GEMM), so with few long pairs per batch its buffer is one pair's
+rows (e.g. 1/2 of a block for two pairs). Results are checked equal (loss, d hidden, sampled rows of
 d weight). Workers run with `MALLOC_MMAP_THRESHOLD_=65536` (MALLOC_ENV), one thread each.
 
     python bench/kernel.py                  # time: V 256k, D 2048, N 1024 and 2048 (~40 min)
@@ -39,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simpo.config import LossConfig  # noqa: E402
-from simpo.fused_loss import fused_preference_loss, pair_loss  # noqa: E402
+from simpo.fused_loss import fused_chunk_rows, fused_preference_loss, pair_loss  # noqa: E402
 from simpo.logprobs import (  # noqa: E402
     DEFAULT_CHUNK_BYTES,
     ScoreIndex,
@@ -164,12 +166,16 @@ def time_table(sizes, vocab, dim, response, budget, quick) -> str:
             if not naive_fits(n, vocab, dim, 22 * GIB):
                 print(f"| {n:,} | skipped: naive needs more memory than is free | | | | | | | |")
                 continue
-            rows = chunk_rows(n, vocab, dim, chunk_bytes=budget)
+            rows = {
+                "naive": n,  # one (N, V) block
+                "kernel": chunk_rows(n, vocab, dim, chunk_bytes=budget),
+                "fused": fused_chunk_rows(n, vocab, dim, 2 * response, chunk_bytes=budget),
+            }
             r = {v: run(v, n, vocab, dim, response, budget, tmp) for v in VARIANTS}
             for v in VARIANTS:
                 diff = ", ".join(f"{_rel(r[v]['data'][k], r['naive']['data'][k]):.1e}"
                                  for k in ("loss", "d_hidden", "d_weight"))  # fmt: skip
-                print(f"| {n:,} | {rows} | {v} | {r[v]['seconds']:.1f} | {r[v]['cpu']:.1f} | "
+                print(f"| {n:,} | {rows[v]} | {v} | {r[v]['seconds']:.1f} | {r[v]['cpu']:.1f} | "
                       f"{r[v]['extra'] / GIB:.2f} | {r[v]['work'] / GIB:.3f} | "
                       f"{r[v]['work'] / r['naive']['work']:.3f} | "
                       f"{'reference' if v == 'naive' else diff} |")  # fmt: skip
@@ -194,8 +200,8 @@ def curve_table(sizes, vocabs, dim, response, budget, quick) -> str:
           f"{budget / MIB:.0f} MiB, fp32 CPU; naive = two (N, V) fp32 blocks (its forward's "
           "logits and log-probs), measured where it fits in 6 GiB\n")  # fmt: skip
     print(
-        "| N | V | rows/chunk | naive: 2 blocks GiB | naive measured: forward, work GiB "
-        "| kernel work MiB | fused work MiB | kernel / naive | fused / naive |"
+        "| N | V | rows/chunk: kernel, fused | naive: 2 blocks GiB | naive measured: forward, "
+        "work GiB | kernel work MiB | fused work MiB | kernel / naive | fused / naive |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     worst = {"kernel": 0.0, "fused": 0.0}
@@ -210,7 +216,9 @@ def curve_table(sizes, vocabs, dim, response, budget, quick) -> str:
                 ratios = {v: r[v]["work"] / bound for v in r}
                 for k, x in ratios.items():
                     worst[k] = max(worst[k], x)
-                print(f"| {n:,} | {vocab:,} | {chunk_rows(n, vocab, dim, chunk_bytes=budget)} | "
+                fused_rows = fused_chunk_rows(n, vocab, dim, 2 * response, chunk_bytes=budget)
+                print(f"| {n:,} | {vocab:,} | {chunk_rows(n, vocab, dim, chunk_bytes=budget)}, "
+                      f"{fused_rows} | "
                       f"{bound / GIB:.3f} | {measured} | {r['kernel']['work'] / MIB:.1f} | "
                       f"{r['fused']['work'] / MIB:.1f} | {ratios['kernel']:.4f} | "
                       f"{ratios['fused']:.4f} |", flush=True)  # fmt: skip

@@ -3,12 +3,14 @@
 Each variant runs train.py's step on the same small Llama-shaped model (random weights, built
 with `simpo.fsdp.build_model` like train.py: FSDP2 on one rank, fp32 on CPU) and the same
 pairs (real lengths from ../shared/data/alpaca_eval_prefs.jsonl, Mistral tokenizer, packed
-with the shared prompt into micro-batches of `--max-tokens`): forward through the fused
-log-prob kernel, `compute_loss`, backward, gradient clipping, AdamW. DPO-precompute reads
+with the shared prompt into micro-batches of `--max-tokens`): forward with the loss fused
+into the head pass, backward, gradient clipping, AdamW. DPO-precompute reads
 the reference sums from a `ReferenceTable` (scored once before training by
 `simpo.reference.precompute_reference`); DPO-live runs a second, frozen model under no_grad
-through the chunked kernel. The step is `simpo.step.train_step` (whatever kernel and gradient
-sync it uses), then clipping and fused AdamW, as in train.py.
+through the chunked kernel. The step is `simpo.step.train_step` (the loss fused into the head
+pass, one gradient sync per step), then clipping and fused AdamW, as in train.py;
+`simpo-two-pass` is SimPO with `train.fused_loss = false` (log-probs from the two-pass
+kernel, then the loss, then autograd: 4 vocabulary GEMMs per token instead of 3).
 
 DPO-live's floor: the reference adds one forward to the policy's forward + backward (~3
 forwards), so ~1.33x without activation checkpointing and ~1.25x with it (the policy then
@@ -60,7 +62,7 @@ from simpo.reference import precompute_reference, reference_for  # noqa: E402
 from simpo.step import train_step  # noqa: E402
 from simpo.world import World, init_world, shutdown  # noqa: E402
 
-VARIANTS = ("simpo", "dpo-precompute", "dpo-live")
+VARIANTS = ("simpo", "simpo-two-pass", "dpo-precompute", "dpo-live")
 VOCAB = 32000  # the Mistral tokenizer's
 
 
@@ -118,7 +120,9 @@ def make_step(
     cfg = Config()
     max_tokens = args.max_tokens
     cfg.train.precision, cfg.data.max_tokens = "fp32", max_tokens
-    cfg.loss.name, cfg.loss.beta = ("simpo", 2.0) if variant == "simpo" else ("dpo", 0.1)
+    simpo = variant.startswith("simpo")
+    cfg.loss.name, cfg.loss.beta = ("simpo", 2.0) if simpo else ("dpo", 0.1)
+    fused = variant != "simpo-two-pass"  # the step's default: the loss fused into the head
     t0 = time.perf_counter()
     table = ref_model = None
     if variant == "dpo-precompute":  # (pairs, 2) sums scored once, before the policy exists
@@ -135,7 +139,9 @@ def make_step(
     reference = reference_for(table, ref_model)
 
     def step(k: int) -> float:  # train.py's step, without logging
-        sums = train_step(model, micro[k], cfg.loss, len(steps[k]), world, reference)
+        sums = train_step(
+            model, micro[k], cfg.loss, len(steps[k]), world, reference, fused_loss=fused
+        )
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -214,11 +220,12 @@ def report(
         f"DPO-precompute scored {sum(map(len, steps))} pairs in {precompute_s:.1f} s before "
         f"training; first losses {', '.join(f'{v} {losses[v][0]:.4f}' for v in VARIANTS)}"
     )
-    live, pre = "dpo-live", "dpo-precompute"
+    live, pre, two = "dpo-live", "dpo-precompute", "simpo-two-pass"
     print(
         f"step: DPO-live {cpu[live]:.2f}x SimPO's step time (CPU; wall {wall[live]:.2f}x) and "
         f"{mem[live]:.2f}x its step memory; DPO-precompute {cpu[pre]:.2f}x time (wall "
-        f"{wall[pre]:.2f}x), {mem[pre]:.2f}x memory"
+        f"{wall[pre]:.2f}x), {mem[pre]:.2f}x memory; SimPO without the fused loss "
+        f"{cpu[two]:.2f}x time (wall {wall[two]:.2f}x), {mem[two]:.2f}x memory"
     )
 
 

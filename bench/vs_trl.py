@@ -176,6 +176,7 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, list[ChildResu
             wall = [t for d in done for t in d["wall"]]
             cpu = [t for d in done for t in d["cpu"]]
             stats[side] = (B / median(wall), B / median(cpu), peak, done[0]["loss0"])
+            stats[side] += (done[0]["rows"],)
             above = peak - max(d["base_gb"] for d in done)
             rows.append(
                 [vocab, side, f"{B / median(wall):.3f}", spread(wall), f"{median(cpu):.1f}",
@@ -185,6 +186,10 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, list[ChildResu
             ours, trl = stats["ours"], stats["trl"]
             diff = abs(ours[3] - trl[3])
             notes.append(f"vocab {vocab}: |loss ours - TRL| = {diff:.1e}")
+            notes.append(
+                f"vocab {vocab}: head rows per step (each through 3 vocabulary GEMMs) TRL "
+                f"{trl[4]:.0f}, ours {ours[4]:.0f}: {trl[4] / ours[4]:.2f}x"
+            )
             if diff > LOSS_TOL:
                 sys.exit(f"vs_trl: FAILED: vocab {vocab}: first-batch losses differ by {diff:.2e}")
             headline.append(
@@ -209,15 +214,19 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, list[ChildResu
 # ----------------------------------------------------------------------------------- children
 
 
-def time_steps(step: Callable[[Any], float], batches: list, steps: int, base_gb: float) -> None:
-    """One warmup step (its loss, before any update, is the parity loss), then `steps` timed."""
+def time_steps(
+    step: Callable[[Any], float], batches: list, steps: int, base_gb: float, head_rows: list[int]
+) -> None:
+    """One warmup step (its loss, before any update, is the parity loss), then `steps` timed.
+    head_rows[k]: the rows batch k sends through the vocabulary GEMMs (3 GEMMs each side)."""
     if len(batches) < steps + 1:
         sys.exit(f"only {len(batches)} batches for 1 warmup + {steps} steps: sample more pairs")
     loss0 = step(batches[0])
     times = Timings()
     for batch in batches[1 : steps + 1]:
         times.add(*timed(step, batch)[1:])
-    emit({"loss0": loss0, "wall": times.wall, "cpu": times.cpu, "base_gb": base_gb})
+    rows = median(head_rows[1 : steps + 1])
+    emit({"loss0": loss0, "wall": times.wall, "cpu": times.cpu, "base_gb": base_gb, "rows": rows})
 
 
 def trl_child(args: argparse.Namespace) -> None:
@@ -270,7 +279,12 @@ def trl_child(args: argparse.Namespace) -> None:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    time_steps(step, batches, args.steps, base)
+    # CPO's concatenated forward: chosen and rejected padded to one length, every position
+    # through the head: (2B, T) rows
+    widths = [
+        max(b["chosen_input_ids"].shape[1], b["rejected_input_ids"].shape[1]) for b in batches
+    ]
+    time_steps(step, batches, args.steps, base, [2 * B * t for t in widths])
 
 
 def as_pair(row: dict) -> dict | None:
@@ -325,7 +339,10 @@ def run_ours(args: argparse.Namespace, world: Any) -> None:
         optimizer.zero_grad(set_to_none=True)
         return float(sums["loss"]) / B
 
-    time_steps(step, batches, args.steps, base)
+    scored = [  # our head scores the response tokens only: the N rows of the ScoreIndex
+        sum(mb.score.targets.numel() for mb in micro) for micro in batches
+    ]
+    time_steps(step, batches, args.steps, base, scored)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,11 @@ class TrainConfig:
         "fp32 grads until then) or after every one (ZeRO-3 memory, more traffic)",
         GRAD_SYNCS,
     )
+    fused_loss: bool = _f(
+        True,
+        "compute the loss inside the lm_head pass (3 vocab GEMMs per token, head grads formed "
+        "in the forward); false = log-probs, then the loss, then autograd (4 GEMMs)",
+    )
     compile: bool = _f(False, "torch.compile each transformer block")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
     resume_override: str = _f(

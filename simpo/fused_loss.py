@@ -9,10 +9,17 @@ and keeps the gradients; the autograd backward only scales them by the incoming 
 This is the approach of Liger-Kernel's fused linear preference losses, here over the packed
 ScoreIndex (shared-prompt rows included), with the byte-sized chunks of `simpo.logprobs`.
 
-Chunks follow pair boundaries: a chunk holds whole pairs while they fit. A pair with more
-scored tokens than a chunk's rows has its first `size - rows` tokens scored ahead (in chunks
-shared with other long pairs) and scored again once its loss is known: the 4th GEMM, for
-those tokens only (`plan_chunks`).
+Chunks follow pair boundaries: a chunk holds whole pairs while they fit. Its rows are the
+scoring kernel's (the byte budget, at most 1/6 of the N scored tokens: `chunk_rows`), grown to
+the longest pair when the byte budget holds that many rows, so a micro-batch of few long pairs
+pays no 4th GEMM (its chunk is then up to one pair's (tokens, V) buffer: more than 1/12 of the
+naive path's logits when a micro-batch holds fewer than ~6 pairs, never more than the budget).
+A pair with more scored tokens than the budget's rows has its first `size - rows` tokens
+scored ahead (in chunks shared with other long pairs) and scored again once its loss is known:
+the 4th GEMM, for those tokens only (`plan_chunks`).
+
+Called by `Transformer.forward(..., loss=HeadLoss(...))` inside the training step
+(`simpo.step.train_step`, `train.fused_loss`), where FSDP2 has the head unsharded.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from simpo.logprobs import (
     ScoreIndex,
     accumulate_head_grads,
     check_inputs,
+    chunk_rows,
     grad_logits_chunk_,
     logits_chunk_,
     lse_chunk_,
@@ -41,6 +49,18 @@ from simpo.logprobs import (
 # (sums (2k,), counts (2k,), ref_sums (2k,) | None, ref_counts (2k,) | None) -> losses (k,)
 # for k consecutive pairs, responses interleaved: 2j chosen, 2j + 1 rejected
 PairLoss = Callable[[Tensor, Tensor, Tensor | None, Tensor | None], Tensor]
+
+
+class HeadLoss(NamedTuple):
+    """Asks `Transformer.forward` for the training loss instead of log-probs: the arguments
+    of `fused_preference_loss` that the model does not own (it adds hidden, weight, softcap,
+    chunk budget)."""
+
+    loss_fn: PairLoss
+    scale: float = 1.0  # the step's normalisation, e.g. world_size / pairs in the step
+    ref_sums: Tensor | None = None  # (R,) reference log-prob sums (DPO family)
+    ref_counts: Tensor | None = None  # (R,)
+    response_lengths: Sequence[int] | None = None  # (R,) host-side, from the packer
 
 
 class FusedLoss(NamedTuple):
@@ -58,6 +78,24 @@ def pair_loss(cfg: Any, check_counts: bool = True) -> PairLoss:
     from simpo.losses import compute_loss
 
     return lambda s, n, rs, rn: compute_loss(cfg, s, n, rs, rn, check_counts=check_counts)[0]
+
+
+def fused_chunk_rows(
+    n: int,
+    vocab: int,
+    dim: int,
+    longest_pair: int,
+    dtype: torch.dtype = torch.float32,
+    softcap: float | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> int:
+    """Rows per chunk of the fused loss: the scoring kernel's (`chunk_rows`: the byte budget,
+    at most 1/6 of the N scored tokens), grown to the longest pair's scored tokens while the
+    byte budget alone holds that many rows. A chunk that holds whole pairs needs no 4th GEMM;
+    the cost is a buffer of up to one pair's rows when a micro-batch holds few long pairs."""
+    rows = chunk_rows(n, vocab, dim, dtype, softcap, chunk_bytes)
+    within_budget = chunk_rows(n, vocab, dim, dtype, softcap, chunk_bytes, logits_fraction=1)
+    return max(rows, min(longest_pair, within_budget))
 
 
 class ChunkPlan(NamedTuple):
@@ -299,7 +337,8 @@ def fused_preference_loss(
     num_responses = score.num_responses
     if num_responses % 2:
         raise ValueError(f"expected interleaved pairs (an even num_responses), got {num_responses}")
-    rows = rows_per_chunk(score.targets.shape[0], weight, softcap, chunk_bytes, chunk_size)
+    n = score.targets.shape[0]
+    rows = rows_per_chunk(n, weight, softcap, chunk_bytes, chunk_size)  # validates both
     acc = torch.promote_types(hidden.dtype, torch.float32)
     order = torch.sort(score.response_ids, stable=True).indices  # pairs become contiguous
     hidden_index, targets, response_ids = (t[order] for t in score[:3])
@@ -308,14 +347,21 @@ def fused_preference_loss(
         lengths = [int(c) for c in counts.tolist()]  # the one device-to-host copy
     else:
         lengths = [int(c) for c in response_lengths]
-        # checked where it is free (CPU); on GPU the caller vouches for them
-        if len(lengths) != num_responses or (
-            counts.device.type == "cpu" and lengths != counts.tolist()
-        ):
+        bad = len(lengths) != num_responses
+        if not bad and counts.device.type == "cpu":  # checked where it is free; a GPU caller
+            # vouches for them. An async assert, not .tolist(): no host read to audit
+            try:
+                torch._assert_async(counts.eq(torch.tensor(lengths, dtype=counts.dtype)).all())
+            except RuntimeError:
+                bad = True
+        if bad:
             raise ValueError("response_lengths must give each response's scored-token count")
-    pair_ends = list(
-        accumulate(int(lengths[r] + lengths[r + 1]) for r in range(0, num_responses, 2))
-    )
+    pair_tokens = [lengths[r] + lengths[r + 1] for r in range(0, num_responses, 2)]  # (P,)
+    pair_ends = list(accumulate(pair_tokens))
+    if chunk_size is None:  # whole pairs while the byte budget holds them: no 4th GEMM
+        vocab, dim = weight.shape
+        longest = max(pair_tokens, default=0)
+        rows = fused_chunk_rows(n, vocab, dim, longest, weight.dtype, softcap, chunk_bytes)
     for ref in (ref_sums, ref_counts, logit_sums):
         if ref is not None and ref.shape != (num_responses,):
             raise ValueError(

@@ -51,8 +51,10 @@ def chunk_rows(
     dtype: torch.dtype = torch.float32,
     softcap: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    logits_fraction: int = LOGITS_FRACTION,
 ) -> int:
-    """Scored tokens per chunk: as many as fit in `chunk_bytes`, and at most 1/6 of N's worth.
+    """Scored tokens per chunk: as many as fit in `chunk_bytes`, and at most 1/6 of N's worth
+    (1/`logits_fraction`; 1 = the byte budget alone).
 
     A row of a chunk costs its (V,) logits in the accumulation dtype, a (V,) copy in the GEMM
     dtype when that is lower (bf16 GEMM output, bf16 grad), 1/8 of a row more with a soft-cap
@@ -67,7 +69,7 @@ def chunk_rows(
     per_row = vocab * (acc + low) + 2 * dim * acc
     if softcap is not None:
         per_row += -(-vocab // SOFTCAP_SPLIT) * acc
-    budget = min(chunk_bytes, n * vocab * 4 // LOGITS_FRACTION)
+    budget = min(chunk_bytes, n * vocab * 4 // logits_fraction)
     return max(1, min(n, budget // per_row))
 
 

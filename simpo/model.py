@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simpo.attention import Layout, attend, masked_attention
+from simpo.fused_loss import FusedLoss, HeadLoss, fused_preference_loss
 from simpo.logprobs import DEFAULT_CHUNK_BYTES, ScoreIndex, response_logprobs
 from simpo.world import copy_full_
 
@@ -282,17 +283,28 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         position_ids: Tensor | None = None,
         logit_sums: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits (B, T, V); or, with `score`, per-response (sum, count) of target log-probs.
+        loss: HeadLoss | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor] | FusedLoss:
+        """Logits (B, T, V); or, with `score`, per-response (sum, count) of target log-probs;
+        or, with `score` and `loss`, the training loss fused into the head pass (FusedLoss:
+        3 vocabulary GEMMs per scored token, the head's gradients computed in this forward).
 
-        The fused head runs here, inside forward, so FSDP2 unshards its weight. `logit_sums`
+        The chunked head runs here, inside forward, so FSDP2 unshards its weight. `logit_sums`
         (R,), optional: gets each response's sum of mean logits (the official logits/* metric).
         """
         hidden = self.hidden_states(input_ids, layout, cache, position_ids)  # (B, T, dim)
         cap = self.args.final_softcap
         if score is None:
+            if loss is not None:
+                raise ValueError("a fused loss needs `score` (which tokens to score)")
             logits = F.linear(hidden, self.head_weight)  # (B, T, V)
             return logits if cap is None else torch.tanh(logits / cap) * cap
+        if loss is not None:
+            return fused_preference_loss(
+                hidden.flatten(0, 1), self.head_weight, score, loss.loss_fn, loss.scale,
+                loss.ref_sums, loss.ref_counts, softcap=cap, chunk_bytes=self.logits_chunk_bytes,
+                response_lengths=loss.response_lengths, logit_sums=logit_sums,
+            )  # fmt: skip
         return response_logprobs(
             hidden.flatten(0, 1), self.head_weight, score.hidden_index, score.targets,
             score.response_ids, score.num_responses, softcap=cap,

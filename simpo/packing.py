@@ -58,6 +58,9 @@ class PackedBatch:
     pair_index: torch.Tensor  # (P,) long, on the host: TokenizedPair.index of pair j
     num_real_tokens: int  # non-padding tokens in input_ids (what the model computes on)
     attention_context: int  # sum over documents of their length squared (for MFU)
+    # (2P,) scored tokens of each response, on the host: the fused loss plans its chunks
+    # over pair boundaries from these without reading the device
+    response_lengths: tuple[int, ...] = ()
 
     @property
     def num_pairs(self) -> int:
@@ -77,6 +80,7 @@ class PackedBatch:
             pair_index=self.pair_index,
             num_real_tokens=self.num_real_tokens,
             attention_context=self.attention_context,
+            response_lengths=self.response_lengths,
         )
 
 
@@ -309,4 +313,9 @@ def _build(
         pair_index=torch.tensor([pairs[i].index for i, _, _ in placements], dtype=torch.long),
         num_real_tokens=int((doc >= 0).sum()),
         attention_context=attention_context(layout),
+        response_lengths=tuple(
+            len(part)
+            for i, _, _ in placements
+            for part in (pairs[i].chosen_ids, pairs[i].rejected_ids)
+        ),
     )

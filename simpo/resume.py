@@ -38,7 +38,7 @@ FREE_ON_RESUME = {
     "train.compile", "train.keep_checkpoints", "train.grad_sync",
     "data.max_tokens", "data.packing", "data.num_workers", "data.cache_dir", "data.eval",
     "data.train",  # its path may move: its content is checked instead (meta["data"])
-    "model.attention", "train.report_to",
+    "model.attention", "model.logits_chunk_mib", "train.fused_loss", "train.report_to",
 }  # fmt: skip
 
 

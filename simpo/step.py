@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from simpo.config import LossConfig
 from simpo.fsdp import GRAD_SYNCS, set_grad_sync
+from simpo.fused_loss import HeadLoss, pair_loss
 from simpo.losses import compute_loss
 from simpo.packing import PackedBatch
 from simpo.reference import ReferenceFn
@@ -36,11 +37,15 @@ def train_step(
     world: World,
     reference: ReferenceFn | None = None,
     grad_sync: str = "last",
+    fused_loss: bool = True,
 ) -> dict[str, Tensor | int]:
     """Forward + backward of this rank's micro-batches; gradients accumulate in `.grad`.
 
     `grad_sync` (GRAD_SYNCS): reduce-scatter the gradients after the "last" micro-batch only,
     or after "every" one (less memory, more communication; the same sum up to rounding).
+    `fused_loss`: compute the loss inside the head pass (`simpo.fused_loss`: 3 vocabulary
+    GEMMs per scored token, not 4); False = per-response log-probs from the two-pass kernel,
+    then `compute_loss` and autograd (the reference path; equal to rounding).
 
     Returns this rank's sums over its pairs, to be reduced over ranks and divided by
     `batch_size`: "loss" and every compute_loss metric (0-dim tensors, not yet synchronised
@@ -50,19 +55,33 @@ def train_step(
     if grad_sync not in GRAD_SYNCS:
         raise ValueError(f"grad_sync must be one of {GRAD_SYNCS}, got {grad_sync!r}")
     on_device = [mb.to(world.device) for mb in micro_batches]  # queued, host not blocked
+    scale = world.world_size / batch_size  # FSDP averages over ranks; we want the sum
+    # the packer guarantees every response a scored token: no host sync to check it
+    loss_fn = pair_loss(loss_cfg, check_counts=False)
     sums: dict[str, Tensor | int] = {"tokens": 0, "ctx": 0}
     try:
         for i, mb in enumerate(on_device):
             set_grad_sync(model, grad_sync == "every" or i == len(on_device) - 1)
             logit_sums = torch.zeros(mb.score.num_responses, device=world.device)  # (2P,)
-            policy_sum, policy_count = model(
-                mb.input_ids, mb.layout, mb.score, logit_sums=logit_sums
-            )  # (2P,) each
+            # the reference first: the fused loss needs it inside the policy's forward
             ref_sum, ref_count = reference(mb) if reference is not None else (None, None)
-            losses, metrics = compute_loss(
-                loss_cfg, policy_sum, policy_count, ref_sum, ref_count, check_counts=False
-            )  # the packer guarantees every response a scored token: no host sync to check it
-            (losses.sum() * world.world_size / batch_size).backward()  # losses: (P,) per pair
+            if fused_loss:
+                request = HeadLoss(loss_fn, scale, ref_sum, ref_count, mb.response_lengths)
+                out = model(mb.input_ids, mb.layout, mb.score, logit_sums=logit_sums, loss=request)
+                out.loss.backward()  # the head's grads were formed in the forward
+                policy_sum, policy_count = out.sums, out.counts  # (2P,) each, detached
+                with torch.no_grad():  # metrics only: the loss is already back-propagated
+                    losses, metrics = compute_loss(
+                        loss_cfg, policy_sum, policy_count, ref_sum, ref_count, check_counts=False
+                    )
+            else:
+                policy_sum, policy_count = model(
+                    mb.input_ids, mb.layout, mb.score, logit_sums=logit_sums
+                )  # (2P,) each
+                losses, metrics = compute_loss(
+                    loss_cfg, policy_sum, policy_count, ref_sum, ref_count, check_counts=False
+                )
+                (losses.sum() * scale).backward()  # losses: (P,) per pair
             for key, value in {"loss": losses.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0) + value.sum()
             # the official trainer's logits/chosen|rejected: mean logit over response tokens

@@ -115,10 +115,17 @@ MUTANTS = [
     ),
     Mutant(
         "loss_normalisation", "simpo/step.py",
-        "(losses.sum() * world.world_size / batch_size).backward()",
-        "(losses.mean() * world.world_size).backward()",
+        "request = HeadLoss(loss_fn, scale, ref_sum, ref_count, mb.response_lengths)",
+        "request = HeadLoss(loss_fn, 1 / mb.num_pairs, ref_sum, ref_count, mb.response_lengths)",
         ("tests/test_train.py", "tests/test_distributed.py"),
         "the loss is averaged per micro-batch instead of over the global batch",
+    ),
+    Mutant(
+        "fused_head_recompute", "simpo/fused_loss.py",
+        "for idx in heads if need_any else ():",
+        "for idx in ():",
+        ("tests/test_fused_loss.py",),
+        "long pairs' first tokens get no gradient (their second scoring pass is skipped)",
     ),
 ]  # fmt: skip
 

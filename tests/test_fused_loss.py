@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from simpo.config import LossConfig
 from simpo.data import TokenizedPair
-from simpo.fused_loss import fused_preference_loss, pair_loss, plan_chunks
-from simpo.logprobs import ScoreIndex, naive_response_logprobs, response_logprobs
+from simpo.fused_loss import fused_chunk_rows, fused_preference_loss, pair_loss, plan_chunks
+from simpo.logprobs import ScoreIndex, chunk_rows, naive_response_logprobs, response_logprobs
 from simpo.losses import compute_loss
 from simpo.packing import pack_pairs
 
@@ -216,7 +216,8 @@ class GemmFlops(TorchDispatchMode):
 
 def test_three_gemms_not_four():
     """Vocabulary GEMM FLOPs: 3 x 2NVD for the fused loss when pairs fit a chunk, plus one
-    logits GEMM for each long pair's first `size - rows` tokens; 4 x for the two-pass kernel."""
+    logits GEMM for each long pair's first `size - rows` tokens; 4 x for the two-pass kernel.
+    By the byte budget, a chunk holds the longest pair unless the budget cannot."""
     hidden, weight, index, _ = make_case()
     n, per_token = index.targets.numel(), 2 * V * D
     cfg = LOSSES["simpo"]
@@ -230,6 +231,16 @@ def test_three_gemms_not_four():
         got = flops(lambda: fused_preference_loss(hidden, weight, index, pair_loss(cfg),
                                                   chunk_size=rows).loss)  # fmt: skip
         assert got == (3 * n + recomputed) * per_token
+
+    # by bytes: the kernel's <= 1/6 of N (4 rows here) grows to the longest pair (13) while
+    # the budget holds it, so no token is scored twice; a budget of 8 rows splits long pairs
+    row_bytes = V * 4 + 2 * D * 4  # fp32 logits row + hidden row and its grad (chunk_rows)
+    assert chunk_rows(n, V, D) == 4
+    for budget_rows, recomputed in [(10**6, 0), (8, 3 + 5)]:
+        budget = budget_rows * row_bytes
+        got = flops(lambda: fused_preference_loss(hidden, weight, index, pair_loss(cfg),
+                                                  chunk_bytes=budget).loss)  # fmt: skip
+        assert got == (3 * n + recomputed) * per_token, budget_rows
 
     def two_pass():
         sums, counts = response_logprobs(hidden, weight, *index, chunk_size=8)
@@ -340,3 +351,16 @@ def test_logit_sums_metric(softcap):
         logits = softcap * torch.tanh(logits / softcap)
     want = torch.zeros(index.num_responses).index_add_(0, index.response_ids, logits.mean(1))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_chunk_rows():
+    """The fused loss's chunk: the kernel's rows (budget, <= 1/6 of N), grown to the longest
+    pair while the byte budget alone holds it; never above the budget's rows."""
+    v, d, mib = 256_000, 2048, 2**20
+    row = v * 4 + 2 * d * 4  # fp32 logits row + hidden row and its grad
+    kernel = chunk_rows(4096, v, d)
+    assert fused_chunk_rows(4096, v, d, longest_pair=kernel - 1) == kernel  # pairs fit already
+    assert fused_chunk_rows(1024, v, d, longest_pair=512) == 512  # 2 pairs: grown past N/6
+    assert chunk_rows(1024, v, d) == 167
+    assert fused_chunk_rows(1024, v, d, 512, chunk_bytes=300 * row) == 300  # the budget wins
+    assert fused_chunk_rows(10**6, v, d, 5000) == 1024 * mib // row  # 1 GiB: 1,032 rows

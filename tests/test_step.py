@@ -61,8 +61,8 @@ def test_grad_sync_last_equals_every_in_one_process(world, precision):
 def test_grad_sync_last_defers_the_reduction(world):
     """What the switch does: with "last", no block has a sharded gradient before the last
     micro-batch's backward (they wait, unsharded, inside FSDP); with "every", they do. A
-    reference function is the probe: train_step calls it after each micro-batch's forward
-    (when the blocks are resharded; the root unit stays unsharded until its backward)."""
+    reference function is the probe: train_step calls it before each micro-batch's forward,
+    i.e. after the previous micro-batch's backward."""
     model = tiny_model(world)
     pairs = random_pairs(3)
     micro = micro_batches(world, pairs)
@@ -178,7 +178,8 @@ def test_no_host_sync_inside_the_step(world, monkeypatch, reference):
     ref = None
     if reference == "table":
         index = torch.tensor([p.index for p in pairs])
-        table = ReferenceTable(index, -torch.rand(4, 2, dtype=torch.float64) * 50, index * 0 + 20)
+        sums, counts = -torch.rand(4, 2, dtype=torch.float64) * 50, torch.full((4, 2), 20)
+        table = ReferenceTable(index, sums, counts)  # (P, 2) each, as reference.py writes
         ref, cfg = reference_for(table, None), LossConfig(name="dpo", beta=0.1)
     elif reference == "live":
         ref_model = tiny_model(world, family="gemma2", trainable=False)
@@ -282,3 +283,90 @@ def test_logits_metric_is_the_mean_logit_over_response_tokens(world):
         assert float(sums[f"logit_count/{name}"]) == sum(len(getattr(p, key)) for p in pairs)
         got = float(sums[f"logit_sum/{name}"])
         assert abs(got - want_sum[name]) <= 1e-4 * max(1.0, abs(want_sum[name])), name
+
+
+# ------------------------------------------------------------------------ the fused loss
+
+
+def grads_and_sums(model, micro, cfg, world, reference, fused_loss):
+    """train_step's full gradients and its host-side sums; the gradients are cleared after."""
+    sums = train_step(model, micro, cfg, 5, world, reference, fused_loss=fused_loss)
+    grads = {n: p.grad.full_tensor().double() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads, {k: float(v) for k, v in sums.items()}
+
+
+@pytest.mark.parametrize(
+    ("family", "precision", "loss"),
+    [
+        ("llama", "fp32", "simpo"),
+        ("gemma2", "fp32", "simpo"),  # final soft-cap, tied head
+        ("llama", "fp32", "dpo"),  # live reference
+        ("gemma2", "fp32", "orpo"),
+        ("llama", "bf16-mixed", "simpo"),
+    ],
+)
+def test_fused_step_equals_the_two_pass_step(world, family, precision, loss):
+    """The training step's default (the loss fused into the head pass, the head's gradients
+    formed in the forward) against the reference path (per-response log-probs from the
+    two-pass kernel, compute_loss, autograd): the same gradients for every parameter and the
+    same logged sums, over 5 micro-batches and FSDP2 on one rank. fp32: to 1e-5 relative;
+    bf16-mixed: the two paths round the bf16 head GEMMs' inputs the same way but accumulate in
+    another order, so to 1e-2."""
+    model = tiny_model(world, precision, family=family)
+    pairs = random_pairs()
+    micro = micro_batches(world, pairs)
+    cfg = {
+        "simpo": LossConfig(name="simpo", beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.3),
+        "dpo": LossConfig(name="dpo", beta=0.1),
+        "orpo": LossConfig(name="orpo", beta=0.1),
+    }[loss]
+    reference = None
+    if loss == "dpo":  # another random init: a reference that differs from the policy
+        ref_model = tiny_model(world, precision, family=family, trainable=False)
+        ref_model.init_weights(seed=1)
+        reference = reference_for(None, ref_model)
+    fused_grads, fused_sums = grads_and_sums(model, micro, cfg, world, reference, True)
+    plain_grads, plain_sums = grads_and_sums(model, micro, cfg, world, reference, False)
+    tol = 1e-5 if precision == "fp32" else 1e-2
+    for name, g in plain_grads.items():
+        assert g.norm() > 0, name  # every parameter takes part
+        assert float((fused_grads[name] - g).norm() / g.norm()) < tol, name
+    assert fused_sums.keys() == plain_sums.keys()
+    for key, value in plain_sums.items():
+        assert fused_sums[key] == pytest.approx(value, rel=tol, abs=tol), key
+
+
+class VocabGemmFlops(TorchDispatchMode):
+    """2·M·N·K of every matrix product with the vocabulary as one of its dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket
+        if packet in (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm):
+            a, b = args[:2] if packet in (aten.mm, aten.bmm) else args[1:3]
+            m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+            if VOCAB in (m, k, n):
+                self.flops += 2 * m * k * n * (a.shape[0] if a.dim() == 3 else 1)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("fused_loss", "gemms"), [(True, 3), (False, 4)])
+@pytest.mark.parametrize("num_pairs", [12, 2])
+def test_the_step_does_three_vocabulary_gemms(world, fused_loss, gemms, num_pairs):
+    """What the fused step saves, counted: one micro-batch of 12 pairs (the kernel's chunks,
+    1/6 of the scored tokens, hold whole pairs) or of 2 (they would not: the fused loss
+    grows its chunks to whole pairs within the byte budget). The fused step does 3 vocabulary
+    GEMMs per scored token (logits, d hidden, d weight), the two-pass kernel 4 (logits again
+    in its backward). The embedding is a lookup, not a GEMM; llama's head is untied."""
+    model = tiny_model(world)
+    pairs = random_pairs(num_pairs)
+    micro = plan_micro_batches(pairs, num_pairs * 50)
+    assert len(micro) == 1
+    n_scored, dim = micro[0].score.targets.numel(), model.args.dim
+    with VocabGemmFlops() as mode:
+        train_step(model, micro, LossConfig(), len(pairs), world, fused_loss=fused_loss)
+    assert mode.flops == gemms * 2 * n_scored * VOCAB * dim

@@ -86,16 +86,18 @@ def test_resume_mid_run_is_exact(tiny, tmp_path):
     assert len(metrics(out)) == 6
 
 
-def test_golden_loss_curve(tmp_path):
+@pytest.mark.parametrize("fused_loss", ["true", "false"])
+def test_golden_loss_curve(tmp_path, fused_loss):
     """configs/tiny-cpu.toml from nothing (synthetic data, tokenizer, random model): the first
-    steps match the checked-in curve. Regenerate with SIMPO_REGEN_GOLDEN=1 after an intended
-    change of the data, tokenizer, model init or loss."""
+    steps match the checked-in curve, with the loss fused into the head pass (the default)
+    and without (log-probs, then the loss, then autograd). Regenerate with
+    SIMPO_REGEN_GOLDEN=1 after an intended change of the data, tokenizer, model init or loss."""
     out = tmp_path / "golden"
     argv = ["--config", str(CONFIG), f"--train.output_dir={out}", "--train.max_steps=5"]
     argv += ["--train.eval_every=0", "--train.save_every=0", "--train.export=false"]
-    run_train(argv)
+    run_train([*argv, f"--train.fused_loss={fused_loss}"])
     got = [{k: r[k] for k in ("step", *GOLDEN_KEYS)} for r in metrics(out)]
-    if os.environ.get("SIMPO_REGEN_GOLDEN"):
+    if os.environ.get("SIMPO_REGEN_GOLDEN") and fused_loss == "true":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps({"argv": argv[4:], "steps": got}, indent=1) + "\n")
         pytest.skip(f"SIMPO_REGEN_GOLDEN set: wrote {GOLDEN}; nothing compared (review its diff)")
