@@ -9,8 +9,12 @@ No wasted work: FSDP reduce-scatters the gradients once, after the last micro-ba
 `grad_sync="every"`; every rank runs as many micro-batches, `plan_micro_batches` pads with
 empty ones, so all ranks reach that collective together), and the loop never reads a device
 value on the host: the micro-batches are copied to the device before it without blocking, and
-everything the host needs (token counts, attention context, pair ids) was computed when they
-were packed. tests/test_step.py checks both.
+everything the host needs (token counts, response lengths, attention context, pair ids) was
+computed when they were packed. tests/test_step.py checks both.
+
+The loss is fused into the head pass by default (`fused_loss`, train.fused_loss): the model's
+forward returns the micro-batch's loss with the head's gradients already formed (3 vocabulary
+GEMMs per scored token), so a live reference is scored before the policy's forward.
 """
 
 from __future__ import annotations
@@ -66,7 +70,11 @@ def train_step(
             # the reference first: the fused loss needs it inside the policy's forward
             ref_sum, ref_count = reference(mb) if reference is not None else (None, None)
             if fused_loss:
-                request = HeadLoss(loss_fn, scale, ref_sum, ref_count, mb.response_lengths)
+                # host-side lengths from the packer (a hand-built batch may lack them: then
+                # the fused loss reads the counts back once)
+                lengths = mb.response_lengths
+                lengths = lengths if len(lengths) == mb.score.num_responses else None
+                request = HeadLoss(loss_fn, scale, ref_sum, ref_count, lengths)
                 out = model(mb.input_ids, mb.layout, mb.score, logit_sums=logit_sums, loss=request)
                 out.loss.backward()  # the head's grads were formed in the forward
                 policy_sum, policy_count = out.sums, out.counts  # (2P,) each, detached

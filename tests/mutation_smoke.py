@@ -115,8 +115,8 @@ MUTANTS = [
     ),
     Mutant(
         "loss_normalisation", "simpo/step.py",
-        "request = HeadLoss(loss_fn, scale, ref_sum, ref_count, mb.response_lengths)",
-        "request = HeadLoss(loss_fn, 1 / mb.num_pairs, ref_sum, ref_count, mb.response_lengths)",
+        "request = HeadLoss(loss_fn, scale, ref_sum, ref_count, lengths)",
+        "request = HeadLoss(loss_fn, 1 / mb.num_pairs, ref_sum, ref_count, lengths)",
         ("tests/test_train.py", "tests/test_distributed.py"),
         "the loss is averaged per micro-batch instead of over the global batch",
     ),

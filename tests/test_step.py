@@ -370,3 +370,20 @@ def test_the_step_does_three_vocabulary_gemms(world, fused_loss, gemms, num_pair
     with VocabGemmFlops() as mode:
         train_step(model, micro, LossConfig(), len(pairs), world, fused_loss=fused_loss)
     assert mode.flops == gemms * 2 * n_scored * VOCAB * dim
+
+
+def test_a_batch_without_host_lengths_still_trains(world):
+    """A hand-built PackedBatch without `response_lengths` (the packer always sets them): the
+    fused loss reads the counts back from the device instead; the same gradients."""
+    import dataclasses
+
+    model = tiny_model(world)
+    pairs = random_pairs(3)
+    micro = micro_batches(world, pairs)
+    assert all(len(mb.response_lengths) == 2 for mb in micro)
+    bare = [dataclasses.replace(mb, response_lengths=()) for mb in micro]
+    cfg = LossConfig()
+    with_lengths, _ = grads_and_sums(model, micro, cfg, world, None, True)
+    without, _ = grads_and_sums(model, bare, cfg, world, None, True)
+    for name, g in with_lengths.items():
+        assert torch.equal(g, without[name]), name
