@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the worker runs as a script
 from simpo.config import LossConfig  # noqa: E402
@@ -25,6 +26,7 @@ from simpo.demo.tiny import tiny_args  # noqa: E402
 from simpo.fsdp import parallelize  # noqa: E402
 from simpo.model import Transformer  # noqa: E402
 from simpo.packing import PackedBatch, plan_micro_batches  # noqa: E402
+from simpo.reference import ReferenceFn  # noqa: E402
 from simpo.step import train_step  # noqa: E402
 from simpo.world import World, init_world, shutdown  # noqa: E402
 
@@ -65,15 +67,55 @@ def micro_batches(world: World, pairs: list[TokenizedPair]) -> list[PackedBatch]
     return plan_micro_batches(pairs, MAX_TOKENS, world.world_size, world.rank)
 
 
+SIMPO = LossConfig(name="simpo", beta=2.0, gamma_beta_ratio=0.5)
+
+
+def run_step(
+    model: Transformer,
+    micro: list[PackedBatch],
+    world: World,
+    batch_size: int,
+    cfg: LossConfig = SIMPO,
+    reference: ReferenceFn | None = None,
+    grad_sync: str = "last",
+    fused_loss: bool = True,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """train_step's full (unsharded) gradients and its sums as floats; the model's gradients
+    are cleared after."""
+    sums = train_step(model, micro, cfg, batch_size, world, reference, grad_sync, fused_loss)
+    grads = {n: p.grad.full_tensor().float() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads, {k: float(v) for k, v in sums.items()}
+
+
 def step_grads(
     model: Transformer, micro: list[PackedBatch], world: World, grad_sync: str, batch_size: int
 ) -> dict[str, Tensor]:
-    """train_step's full (unsharded) gradients; the model's gradients are cleared after."""
-    cfg = LossConfig(name="simpo", beta=2.0, gamma_beta_ratio=0.5)
-    train_step(model, micro, cfg, batch_size, world, grad_sync=grad_sync)
-    grads = {n: p.grad.full_tensor().float() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    return grads
+    """run_step's gradients for SimPO with `grad_sync`."""
+    return run_step(model, micro, world, batch_size, grad_sync=grad_sync)[0]
+
+
+class GemmFlops(TorchDispatchMode):
+    """2 M N K per matrix product (batched ones times their batch), in-place and out= forms
+    included (FlopCounterMode skips `addmm_`); with `only_dim`, only products that have it as
+    one of M, N, K (e.g. the vocabulary). Any other matrix-product op is an error, so nothing
+    goes uncounted."""
+
+    def __init__(self, only_dim: int | None = None) -> None:
+        super().__init__()
+        self.only_dim, self.flops = only_dim, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        packet = func.overloadpacket
+        if packet in (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm):
+            a, b = args[:2] if packet in (aten.mm, aten.bmm) else args[1:3]
+            m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+            if self.only_dim is None or self.only_dim in (m, k, n):
+                self.flops += 2 * m * k * n * (a.shape[0] if a.dim() == 3 else 1)
+        elif "mm" in packet.__name__ or "matmul" in packet.__name__:
+            raise AssertionError(f"uncounted matrix product {func}")
+        return func(*args, **(kwargs or {}))
 
 
 def max_rel_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:

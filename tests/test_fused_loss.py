@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from step_checks import GemmFlops
 
 from simpo.config import LossConfig
 from simpo.data import TokenizedPair
@@ -194,24 +194,6 @@ def test_empty_batch_and_empty_pairs(case):
     for a, b in zip(grads(out.loss, hidden, weight), grads(want, hidden, weight), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert [0.0, 0.0] in [c[i : i + 2] for c in seen for i in range(0, len(c), 2)]
-
-
-class GemmFlops(TorchDispatchMode):
-    """2 M N K per matrix product, in-place and out= forms included (FlopCounterMode skips
-    `addmm_`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        packet = func.overloadpacket
-        if packet in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-            a, b = args[-2:] if packet != torch.ops.aten.mm else args[:2]
-            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
-        elif "mm" in packet.__name__ or "matmul" in packet.__name__:
-            raise AssertionError(f"uncounted matrix product {func}")
-        return func(*args, **(kwargs or {}))
 
 
 def test_three_gemms_not_four():

@@ -38,29 +38,19 @@ def value_and_grads(fn, hidden, weight, index, seed=1, **kw):
     return sums, counts, *grads
 
 
+CHUNKINGS = [{"chunk_size": c} for c in (1, 7, N - 1, N, N + 5, 1024)]
+CHUNKINGS += [{"chunk_bytes": b} for b in (1, 5 * V * 4, DEFAULT_CHUNK_BYTES)]  # by bytes
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("chunk_size", [1, 7, N - 1, N, N + 5, 1024])
-def test_kernel_matches_naive_fp32(softcap, chunk_size):
+@pytest.mark.parametrize("chunking", CHUNKINGS, ids=lambda c: "-".join(map(str, c.items())))
+def test_kernel_matches_naive_fp32(softcap, chunking):
     hidden, weight, index = make_case()
-    got = value_and_grads(
-        response_logprobs, hidden, weight, index, softcap=softcap, chunk_size=chunk_size
-    )
+    got = value_and_grads(response_logprobs, hidden, weight, index, softcap=softcap, **chunking)
     want = value_and_grads(naive_response_logprobs, hidden, weight, index, softcap=softcap)
     for name, a, b in zip(["sum", "count", "d_hidden", "d_weight"], got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-
-
-@pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("chunk_bytes", [1, 5 * V * 4, DEFAULT_CHUNK_BYTES])
-def test_kernel_with_byte_budget_matches_naive(softcap, chunk_bytes):
-    hidden, weight, index = make_case()
-    got = value_and_grads(
-        response_logprobs, hidden, weight, index, softcap=softcap, chunk_bytes=chunk_bytes
-    )
-    want = value_and_grads(naive_response_logprobs, hidden, weight, index, softcap=softcap)
-    for name, a, b in zip(["sum", "count", "d_hidden", "d_weight"], got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_chunk_rows_from_bytes():

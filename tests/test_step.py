@@ -16,9 +16,11 @@ import pytest
 import torch
 from step_checks import (
     VOCAB,
+    GemmFlops,
     count_reduce_scatters,
     micro_batches,
     random_pairs,
+    run_step,
     step_grads,
     tiny_model,
 )
@@ -288,14 +290,6 @@ def test_logits_metric_is_the_mean_logit_over_response_tokens(world):
 # ------------------------------------------------------------------------ the fused loss
 
 
-def grads_and_sums(model, micro, cfg, world, reference, fused_loss):
-    """train_step's full gradients and its host-side sums; the gradients are cleared after."""
-    sums = train_step(model, micro, cfg, 5, world, reference, fused_loss=fused_loss)
-    grads = {n: p.grad.full_tensor().double() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    return grads, {k: float(v) for k, v in sums.items()}
-
-
 @pytest.mark.parametrize(
     ("family", "precision", "loss"),
     [
@@ -326,8 +320,8 @@ def test_fused_step_equals_the_two_pass_step(world, family, precision, loss):
         ref_model = tiny_model(world, precision, family=family, trainable=False)
         ref_model.init_weights(seed=1)
         reference = reference_for(None, ref_model)
-    fused_grads, fused_sums = grads_and_sums(model, micro, cfg, world, reference, True)
-    plain_grads, plain_sums = grads_and_sums(model, micro, cfg, world, reference, False)
+    fused_grads, fused_sums = run_step(model, micro, world, 5, cfg, reference, fused_loss=True)
+    plain_grads, plain_sums = run_step(model, micro, world, 5, cfg, reference, fused_loss=False)
     tol = 1e-5 if precision == "fp32" else 1e-2
     for name, g in plain_grads.items():
         assert g.norm() > 0, name  # every parameter takes part
@@ -335,23 +329,6 @@ def test_fused_step_equals_the_two_pass_step(world, family, precision, loss):
     assert fused_sums.keys() == plain_sums.keys()
     for key, value in plain_sums.items():
         assert fused_sums[key] == pytest.approx(value, rel=tol, abs=tol), key
-
-
-class VocabGemmFlops(TorchDispatchMode):
-    """2·M·N·K of every matrix product with the vocabulary as one of its dimensions."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        packet = func.overloadpacket
-        if packet in (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm):
-            a, b = args[:2] if packet in (aten.mm, aten.bmm) else args[1:3]
-            m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-            if VOCAB in (m, k, n):
-                self.flops += 2 * m * k * n * (a.shape[0] if a.dim() == 3 else 1)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(("fused_loss", "gemms"), [(True, 3), (False, 4)])
@@ -367,7 +344,7 @@ def test_the_step_does_three_vocabulary_gemms(world, fused_loss, gemms, num_pair
     micro = plan_micro_batches(pairs, num_pairs * 50)
     assert len(micro) == 1
     n_scored, dim = micro[0].score.targets.numel(), model.args.dim
-    with VocabGemmFlops() as mode:
+    with GemmFlops(only_dim=VOCAB) as mode:
         train_step(model, micro, LossConfig(), len(pairs), world, fused_loss=fused_loss)
     assert mode.flops == gemms * 2 * n_scored * VOCAB * dim
 
@@ -382,8 +359,7 @@ def test_a_batch_without_host_lengths_still_trains(world):
     micro = micro_batches(world, pairs)
     assert all(len(mb.response_lengths) == 2 for mb in micro)
     bare = [dataclasses.replace(mb, response_lengths=()) for mb in micro]
-    cfg = LossConfig()
-    with_lengths, _ = grads_and_sums(model, micro, cfg, world, None, True)
-    without, _ = grads_and_sums(model, bare, cfg, world, None, True)
+    with_lengths, _ = run_step(model, micro, world, 3)
+    without, _ = run_step(model, bare, world, 3)
     for name, g in with_lengths.items():
         assert torch.equal(g, without[name]), name
